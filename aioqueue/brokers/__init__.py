@@ -1,0 +1,1 @@
+"""Brokers: where task messages wait. Each implements ``aioqueue.brokers.base.Broker``."""

@@ -1,0 +1,307 @@
+"""Settings under Celery's names, typed and checked.
+
+An unknown or misspelt name is a ``ConfigurationError`` that suggests the closest known name.
+Celery settings that aioqueue knows but does not implement are accepted and reported once in
+the log, so a ``celeryconfig.py`` written for stock Celery loads unchanged and nothing is
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+__all__ = ("Queue", "Settings")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """A queue and how it is bound, as kombu's ``Queue`` describes it.
+
+    By default a queue is durable and bound to a direct exchange of its own name with its
+    name as routing key, which is how Celery declares queues it creates.
+    """
+
+    name: str
+    exchange: str | None = None
+    exchange_type: str = "direct"
+    routing_key: str | None = None
+    durable: bool = True
+    auto_delete: bool = False
+    queue_arguments: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def exchange_name(self) -> str:
+        return self.name if self.exchange is None else self.exchange
+
+    @property
+    def binding_key(self) -> str:
+        return self.name if self.routing_key is None else self.routing_key
+
+
+# Celery settings aioqueue recognises but does not implement (yet); accepted with a warning.
+UNSUPPORTED_CELERY_SETTINGS = frozenset(
+    {
+        "beat_schedule", "beat_scheduler", "beat_max_loop_interval", "beat_schedule_filename",
+        "broker_heartbeat", "broker_heartbeat_checkrate", "broker_login_method",
+        "broker_failover_strategy", "broker_pool_limit", "broker_use_ssl",
+        "broker_channel_error_retry", "broker_connection_max_retries", "broker_connection_retry",
+        "broker_read_url", "broker_write_url", "cache_backend", "cache_backend_options",
+        "database_engine_options", "database_short_lived_sessions", "database_table_names",
+        "event_queue_expires", "event_queue_ttl", "event_serializer", "imports", "include",
+        "redis_backend_health_check_interval", "redis_max_connections", "redis_retry_on_timeout",
+        "redis_socket_connect_timeout", "redis_socket_keepalive", "redis_socket_timeout",
+        "result_backend_always_retry", "result_backend_max_retries", "result_cache_max",
+        "result_chord_join_timeout", "result_chord_retry_interval", "result_compression",
+        "result_persistent", "security_certificate", "security_cert_store", "security_key",
+        "task_annotations", "task_acks_on_failure_or_timeout", "task_create_missing_queues",
+        "task_default_delivery_mode", "task_default_exchange_type", "task_default_rate_limit",
+        "task_inherit_parent_priority", "task_protocol", "task_publish_retry",
+        "task_publish_retry_policy", "task_reject_on_worker_lost", "task_remote_tracebacks",
+        "task_send_sent_event", "task_store_errors_even_if_ignored", "worker_agent",
+        "worker_autoscaler", "worker_cancel_long_running_tasks_on_connection_loss",
+        "worker_consumer", "worker_direct", "worker_disable_rate_limits", "worker_enable_remote_control",
+        "worker_hijack_root_logger", "worker_log_color", "worker_log_format", "worker_lost_wait",
+        "worker_max_memory_per_child", "worker_max_tasks_per_child", "worker_pool",
+        "worker_pool_restarts", "worker_redirect_stdouts", "worker_redirect_stdouts_level",
+        "worker_send_task_events", "worker_state_db", "worker_task_log_format", "worker_timer",
+        "worker_timer_precision", "worker_deduplicate_successful_tasks",
+        "task_send_sent_event", "task_track_received",
+    }
+)
+
+
+def _seconds(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _string_list(value: Any, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{name} must be a list of strings, got {value!r}")
+    return list(value)
+
+
+@dataclass(slots=True)
+class Settings:
+    """``app.conf``: every setting aioqueue reads, with Celery's names and defaults.
+
+    Differences from Celery's defaults are deliberate and documented:
+    ``task_acks_late`` is True (nothing is lost when a worker dies) and
+    ``worker_concurrency`` is 100 (coroutines, not processes).
+    """
+
+    broker_url: str | None = None
+    result_backend: str | None = None
+    broker_connection_timeout: float = 4.0
+    broker_connection_retry_on_startup: bool = True
+    broker_transport_options: dict[str, Any] = field(default_factory=dict)
+    result_backend_transport_options: dict[str, Any] = field(default_factory=dict)
+    task_serializer: str = "json"
+    result_serializer: str = "json"
+    accept_content: list[str] = field(default_factory=lambda: ["json"])
+    result_accept_content: list[str] | None = None
+    task_compression: str | None = None
+    timezone: str = "UTC"
+    enable_utc: bool = True
+    task_default_queue: str = "celery"
+    task_default_exchange: str | None = None  # None: named after task_default_queue
+    task_default_routing_key: str | None = None  # None: task_default_queue
+    task_default_priority: int | None = None
+    task_queue_max_priority: int | None = None
+    task_queues: list[Queue] | None = None
+    task_routes: Any = None
+    task_acks_late: bool = True
+    task_ignore_result: bool = False
+    task_track_started: bool = False
+    task_time_limit: float | None = None
+    task_soft_time_limit: float | None = None
+    task_always_eager: bool = False
+    task_eager_propagates: bool = False
+    result_expires: float | None = 86400.0
+    result_extended: bool = False
+    worker_concurrency: int = 100
+    worker_prefetch_multiplier: int = 4
+    worker_shutdown_timeout: float = 10.0
+    unsupported: dict[str, Any] = field(default_factory=dict)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _FIELD_NAMES:
+            raise _unknown(name)
+        object.__setattr__(self, name, _check(name, value))
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in _FIELD_NAMES:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.update({name: value})
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name) if name in _FIELD_NAMES else default
+
+    def update(self, mapping: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        """Set several settings at once; checks every name before changing any."""
+        items = {**(mapping or {}), **settings}
+        checked: dict[str, Any] = {}
+        for name, value in items.items():
+            if name in UNSUPPORTED_CELERY_SETTINGS:
+                logger.warning(
+                    "setting %r is a Celery setting aioqueue does not implement; it is ignored "
+                    "(see docs/configuration.md)", name,
+                )
+                self.unsupported[name] = value
+                continue
+            if name not in _FIELD_NAMES or name == "unsupported":
+                raise _unknown(name)
+            checked[name] = _check(name, value)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def from_object(self, obj: Any) -> None:
+        """Load settings from a module, a module name (``"celeryconfig"``), or any object."""
+        if isinstance(obj, str):
+            module_name, _, attr = obj.partition(":")
+            try:
+                obj = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise ConfigurationError(f"cannot import configuration module {obj!r}: {exc}") from exc
+            if attr:
+                obj = getattr(obj, attr)
+        if isinstance(obj, Mapping):
+            source = dict(obj)
+        else:
+            source = {
+                name: getattr(obj, name)
+                for name in dir(obj)
+                if not name.startswith("_") and name.islower()
+                and not inspect.ismodule(getattr(obj, name))
+                and not inspect.isclass(getattr(obj, name))
+                and not inspect.isroutine(getattr(obj, name))
+            }
+        self.update(source)
+
+    @property
+    def exchange(self) -> str:
+        return self.task_default_exchange or self.task_default_queue
+
+    @property
+    def routing_key(self) -> str:
+        return self.task_default_routing_key or self.task_default_queue
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "unsupported"}
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Settings))
+
+
+def _unknown(name: str) -> ConfigurationError:
+    close = difflib.get_close_matches(name, sorted(_FIELD_NAMES | UNSUPPORTED_CELERY_SETTINGS), 1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigurationError(f"unknown setting {name!r}{hint}")
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be a non-negative integer or None, got {value!r}")
+    return value
+
+
+def _queues(value: Any, name: str) -> list[Queue] | None:
+    if value is None:
+        return None
+    queues = [Queue(v) if isinstance(v, str) else v for v in value]
+    if not all(isinstance(q, Queue) for q in queues):
+        raise ConfigurationError(f"{name} must be a list of aioqueue.Queue or queue names")
+    return queues
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a string or None, got {value!r}")
+    return value
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _dict(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{name} must be a dict, got {value!r}")
+    return dict(value)
+
+
+_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "broker_url": _optional_str,
+    "result_backend": _optional_str,
+    "broker_connection_timeout": _seconds,
+    "broker_connection_retry_on_startup": _check_bool,
+    "broker_transport_options": _dict,
+    "result_backend_transport_options": _dict,
+    "task_serializer": _str,
+    "result_serializer": _str,
+    "accept_content": _string_list,
+    "result_accept_content": lambda v, n: None if v is None else _string_list(v, n),
+    "task_compression": _optional_str,
+    "timezone": _str,
+    "enable_utc": _check_bool,
+    "task_default_queue": _str,
+    "task_default_exchange": _optional_str,
+    "task_default_routing_key": _optional_str,
+    "task_default_priority": _optional_int,
+    "task_queue_max_priority": _optional_int,
+    "task_queues": _queues,
+    "task_acks_late": _check_bool,
+    "task_ignore_result": _check_bool,
+    "task_track_started": _check_bool,
+    "task_time_limit": _seconds,
+    "task_soft_time_limit": _seconds,
+    "task_always_eager": _check_bool,
+    "task_eager_propagates": _check_bool,
+    "result_expires": _seconds,
+    "result_extended": _check_bool,
+    "worker_concurrency": _positive_int,
+    "worker_prefetch_multiplier": _positive_int,
+    "worker_shutdown_timeout": _seconds,
+}
+
+
+def _check(name: str, value: Any) -> Any:
+    check = _CHECKS.get(name)
+    return check(value, name) if check else value

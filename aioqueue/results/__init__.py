@@ -1,0 +1,1 @@
+"""Result stores: where task results live. Each implements ``aioqueue.results.base.ResultStore``."""

@@ -1,0 +1,100 @@
+"""The contract every result store fulfils: store, get, wait for a ready state, forget."""
+
+from __future__ import annotations
+
+import builtins
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+
+from .. import states
+from ..exceptions import SerializationError, TimeoutError
+from ..serialization import SERIALIZERS, accepted_types, dumps, loads
+
+if TYPE_CHECKING:
+    from ..brokers.base import Broker
+    from ..config import Settings
+
+__all__ = ("ResultStore", "raise_timeout")
+
+
+class ResultStore(ABC):
+    """Where results live. Records are Celery's ``celery-task-meta`` dicts."""
+
+    #: The name clients put in ``reply_to``; only the RPC store replies there.
+    reply_to: str | None = None
+
+    def __init__(self, url: str, settings: Settings, broker: Broker | None = None) -> None:
+        self.url = url
+        self.settings = settings
+        self.serializer = settings.result_serializer
+        self.content_type = SERIALIZERS[settings.result_serializer].content_type
+        self.accept = accepted_types(settings.result_accept_content or settings.accept_content)
+        self.expires = settings.result_expires
+
+    def encode(self, meta: dict[str, Any]) -> bytes:
+        """Serialize a record with ``result_serializer``; raises ``SerializationError``."""
+        return dumps(meta, self.serializer)[0]
+
+    def decode(self, data: bytes | str, content_type: str | None = None) -> dict[str, Any]:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        meta = loads(data, content_type or self.content_type, self.accept)
+        if not isinstance(meta, dict) or "status" not in meta:
+            raise SerializationError("result record is not an object with a 'status'")
+        return meta
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def connect(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def prepare_client(self) -> None:
+        """Called before a client publishes its first task (the RPC store declares its queue)."""
+
+    @abstractmethod
+    async def store(self, task_id: str, meta: dict[str, Any], *, reply_to: str | None = None) -> None:
+        """Write a record; raises ``SerializationError`` (and writes nothing) if it cannot."""
+
+    @abstractmethod
+    async def get(self, task_id: str) -> dict[str, Any] | None:
+        """The latest record, or None when nothing is stored (PENDING)."""
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until the record is in a ready state. This default polls; real stores override it."""
+        delay = 0.005
+        with raise_timeout(task_id, timeout):
+            while True:
+                meta = await self.get(task_id)
+                if meta is not None and meta.get("status") in states.READY_STATES:
+                    return meta
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    @abstractmethod
+    async def forget(self, task_id: str) -> None:
+        """Delete the record."""
+
+
+@contextmanager
+def raise_timeout(task_id: str, timeout: float | None) -> Iterator[None]:
+    """``anyio.fail_after`` that raises our ``TimeoutError`` with a message naming the task."""
+    try:
+        with anyio.fail_after(timeout):
+            yield
+    except builtins.TimeoutError:
+        raise TimeoutError(f"no result for task {task_id} within {timeout} s") from None
