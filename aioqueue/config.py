@@ -70,13 +70,14 @@ UNSUPPORTED_CELERY_SETTINGS = frozenset(
         "task_publish_retry_policy", "task_reject_on_worker_lost", "task_remote_tracebacks",
         "task_send_sent_event", "task_store_errors_even_if_ignored", "worker_agent",
         "worker_autoscaler", "worker_cancel_long_running_tasks_on_connection_loss",
-        "worker_consumer", "worker_direct", "worker_disable_rate_limits", "worker_enable_remote_control",
+        "worker_consumer", "worker_direct", "worker_disable_rate_limits",
+        "worker_enable_remote_control",
         "worker_hijack_root_logger", "worker_log_color", "worker_log_format", "worker_lost_wait",
         "worker_max_memory_per_child", "worker_max_tasks_per_child", "worker_pool",
         "worker_pool_restarts", "worker_redirect_stdouts", "worker_redirect_stdouts_level",
         "worker_send_task_events", "worker_state_db", "worker_task_log_format", "worker_timer",
         "worker_timer_precision", "worker_deduplicate_successful_tasks",
-        "task_send_sent_event", "task_track_received",
+        "task_track_received",
     }
 )
 
@@ -87,7 +88,9 @@ def _seconds(value: Any, name: str) -> float | None:
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be a number of seconds or a timedelta, got {value!r}"
+        )
     return float(value)
 
 
@@ -189,7 +192,9 @@ class Settings:
             try:
                 obj = importlib.import_module(module_name)
             except ImportError as exc:
-                raise ConfigurationError(f"cannot import configuration module {obj!r}: {exc}") from exc
+                raise ConfigurationError(
+                    f"cannot import configuration module {obj!r}: {exc}"
+                ) from exc
             if attr:
                 obj = getattr(obj, attr)
         if isinstance(obj, Mapping):

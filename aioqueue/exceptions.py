@@ -106,7 +106,7 @@ class TaskRevokedError(TaskError):
     """The task was revoked or expired before it could run."""
 
 
-class TimeoutError(AioQueueError, builtins.TimeoutError):  # noqa: A001
+class TimeoutError(AioQueueError, builtins.TimeoutError):
     """Waiting for a result took longer than the timeout given."""
 
 

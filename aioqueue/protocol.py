@@ -77,11 +77,16 @@ def origin() -> str:
     return f"gen{os.getpid()}@{socket.gethostname()}"
 
 
-def format_time(value: datetime) -> str:
-    """ISO-8601 of an aware UTC time, as Celery writes ``eta``/``expires``."""
+def _as_utc(value: datetime) -> datetime:
+    """An aware UTC time; a naive value is taken as UTC (as Celery reads one)."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat()
+    return value.astimezone(UTC)
+
+
+def format_time(value: datetime) -> str:
+    """ISO-8601 of an aware UTC time, as Celery writes ``eta``/``expires``."""
+    return _as_utc(value).isoformat()
 
 
 def parse_time(value: Any, name: str) -> datetime | None:
@@ -145,7 +150,9 @@ def encode_task(
         "timelimit": list(timelimit),
         "root_id": root_id or task_id,
         "parent_id": parent_id,
-        "argsrepr": _repr(tuple(args), ARGSREPR_MAXSIZE),
+        # repr of args as given: a tuple for delay()/apply_async((...)), a list for
+        # send_task(args=[...]) (vectors amqp_v2_delay, amqp_v2_send_task_types).
+        "argsrepr": _repr(args, ARGSREPR_MAXSIZE),
         "kwargsrepr": _repr(kwargs, KWARGSREPR_MAXSIZE),
         "origin": origin(),
         "ignore_result": ignore_result,
@@ -159,7 +166,7 @@ def encode_task(
         body, message_headers["compression"] = compress(body, compression)
     expiration = None
     if expires is not None:
-        remaining = (expires - (now or datetime.now(UTC))).total_seconds()
+        remaining = (_as_utc(expires) - _as_utc(now or datetime.now(UTC))).total_seconds()
         expiration = str(max(0, int(remaining * 1000)))
     return Envelope(
         body=body,

@@ -134,7 +134,7 @@ def _pickle_dumps(obj: Any) -> bytes:
 def _pickle_loads(data: bytes) -> Any:
     import pickle
 
-    return pickle.loads(data)  # noqa: S301 - only reached when the user accepts pickle
+    return pickle.loads(data)
 
 
 @dataclass(frozen=True, slots=True)

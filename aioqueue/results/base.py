@@ -63,11 +63,13 @@ class ResultStore(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
-    async def prepare_client(self) -> None:
+    async def prepare_client(self) -> None:  # noqa: B027 - optional hook, most stores need none
         """Called before a client publishes its first task (the RPC store declares its queue)."""
 
     @abstractmethod
-    async def store(self, task_id: str, meta: dict[str, Any], *, reply_to: str | None = None) -> None:
+    async def store(
+        self, task_id: str, meta: dict[str, Any], *, reply_to: str | None = None
+    ) -> None:
         """Write a record; raises ``SerializationError`` (and writes nothing) if it cannot."""
 
     @abstractmethod
@@ -75,7 +77,7 @@ class ResultStore(ABC):
         """The latest record, or None when nothing is stored (PENDING)."""
 
     async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Wait until the record is in a ready state. This default polls; real stores override it."""
+        """Wait until the record is in a ready state. This default polls; real stores override."""
         delay = 0.005
         with raise_timeout(task_id, timeout):
             while True:

@@ -1,0 +1,199 @@
+"""``Task[P, R]``: a registered function whose ``delay()`` is typed by its own signature."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+if TYPE_CHECKING:
+    from .app import AioQueue
+    from .result import AsyncResult
+
+__all__ = ("AsyncTask", "Request", "SyncTask", "Task")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class Request:
+    """What a running task knows about its own call (``self.request`` in a bound task)."""
+
+    id: str
+    task: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0
+    eta: datetime | None = None
+    expires: datetime | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    delivery_info: dict[str, Any] = field(default_factory=dict)
+    hostname: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    is_eager: bool = False
+
+
+_current_request: ContextVar[Request | None] = ContextVar("aioqueue_request", default=None)
+
+
+class Task(Generic[P, R]):
+    """A task registered on an app. Created by ``@app.task``; never subclassed per task."""
+
+    def __init__(
+        self,
+        app: AioQueue,
+        fn: Callable[..., Any],
+        *,
+        name: str,
+        bind: bool = False,
+        queue: str | None = None,
+        priority: int | None = None,
+        ignore_result: bool | None = None,
+        acks_late: bool | None = None,
+        serializer: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+    ) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.bind = bind
+        self.queue = queue
+        self.priority = priority
+        self._ignore_result = ignore_result
+        self._acks_late = acks_late
+        self.serializer = serializer
+        self.time_limit = time_limit
+        self.soft_time_limit = soft_time_limit
+        self.is_coroutine = inspect.iscoroutinefunction(fn)
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__qualname__ = getattr(fn, "__qualname__", name)
+        self.__module__ = fn.__module__
+        self.__wrapped__ = fn
+        self._signature: inspect.Signature | None = None
+
+    def __repr__(self) -> str:
+        return f"<@task: {self.name} of {self.app.main or 'aioqueue'}>"
+
+    @property
+    def ignore_result(self) -> bool:
+        if self._ignore_result is not None:
+            return self._ignore_result
+        return self.app.conf.task_ignore_result
+
+    @property
+    def acks_late(self) -> bool:
+        return self._acks_late if self._acks_late is not None else self.app.conf.task_acks_late
+
+    @property
+    def request(self) -> Request:
+        """The request of the call running in this context (bound tasks read it as self.request)."""
+        request = _current_request.get()
+        if request is None:
+            return Request(id="", task=self.name, is_eager=True)
+        return request
+
+    def check_arguments(self, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> None:
+        """Raise ``TypeError`` at the call if the arguments cannot bind to the signature."""
+        if self._signature is None:
+            self._signature = inspect.signature(self.fn)
+        if self.bind:
+            self._signature.bind(None, *args, **kwargs)
+        else:
+            self._signature.bind(*args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the function (with ``self`` first when bound); a coroutine for async tasks."""
+        if self.bind:
+            return self.fn(self, *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Send the task with these arguments; returns once the broker confirmed it."""
+        return await self.apply_async(args, kwargs)
+
+    async def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+        routing_key: str | None = None,
+        exchange: str | None = None,
+        priority: int | None = None,
+        task_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+        serializer: str | None = None,
+        ignore_result: bool | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        compression: str | None = None,
+        shadow: str | None = None,
+        retries: int = 0,
+    ) -> AsyncResult[R]:
+        """Send the task with options, as Celery's ``apply_async``; see ``AioQueue.send_task``."""
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        self.check_arguments(args, kwargs)
+        result: AsyncResult[R] = await self.app.send_task(
+            self.name,
+            args,
+            kwargs,
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            queue=queue if queue is not None else self.queue,
+            routing_key=routing_key,
+            exchange=exchange,
+            priority=priority if priority is not None else self.priority,
+            task_id=task_id,
+            headers=headers,
+            serializer=serializer or self.serializer,
+            ignore_result=ignore_result if ignore_result is not None else self.ignore_result,
+            time_limit=time_limit if time_limit is not None else self.time_limit,
+            soft_time_limit=(
+                soft_time_limit if soft_time_limit is not None else self.soft_time_limit
+            ),
+            compression=compression,
+            shadow=shadow,
+            retries=retries,
+            explicit_queue=queue is not None,
+        )
+        return result
+
+
+class AsyncTask(Task[P, R]):
+    """A task made from an ``async def``: calling it locally returns the coroutine."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        coro: Coroutine[Any, Any, R] = self.run(*args, **kwargs)
+        return coro
+
+
+class SyncTask(Task[P, R]):
+    """A task made from a plain ``def``: calling it locally runs it; the worker uses a thread."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        value: R = self.run(*args, **kwargs)
+        return value
+
+
+def set_request(request: Request | None) -> Any:
+    """Make ``request`` current in this context; returns a token for ``reset_request``."""
+    return _current_request.set(request)
+
+
+def reset_request(token: Any) -> None:
+    _current_request.reset(token)

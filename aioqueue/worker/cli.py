@@ -1,0 +1,148 @@
+"""Command line: ``aioqueue worker -A tasks`` and ``python -m aioqueue.worker -A tasks``.
+
+The only place that configures logging and reads the process environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from ..app import AioQueue
+from ..exceptions import AioQueueError
+from .banner import render_banner
+from .worker import Worker
+
+__all__ = ("find_app", "main", "worker_main")
+
+logger = logging.getLogger("aioqueue.worker")
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
+
+
+def find_app(spec: str) -> AioQueue:
+    """Resolve ``-A``: ``module``, ``module:attr`` or ``module.attr``.
+
+    A bare module is searched for ``app``, then ``celery``, then any ``AioQueue`` in it.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as Celery does: -A names modules of the cwd
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if attr or "." not in module_name or exc.name != module_name:
+            raise
+        module_name, _, attr = module_name.rpartition(".")
+        module = importlib.import_module(module_name)
+    if attr:
+        found = getattr(module, attr, None)
+        if not isinstance(found, AioQueue):
+            raise AioQueueError(f"{module_name}:{attr} is not an AioQueue app")
+        return found
+    for name in ("app", "celery"):
+        found = getattr(module, name, None)
+        if isinstance(found, AioQueue):
+            return found
+    apps = [v for v in vars(module).values() if isinstance(v, AioQueue)]
+    if len(apps) == 1:
+        return apps[0]
+    raise AioQueueError(
+        f"no app found in module {module_name!r}: name it 'app' or pass -A {module_name}:name"
+    )
+
+
+def _hostname(value: str | None) -> str | None:
+    if value is None:
+        return None
+    host = socket.gethostname()
+    return value.replace("%h", host).replace("%n", host.split(".")[0])
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Start an aioqueue worker.")
+    parser.add_argument("-A", "--app", required=True, help="module, module:app or module.app")
+    parser.add_argument(
+        "-l", "--loglevel", default="WARNING",
+        type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="logging level (default WARNING)",
+    )
+    parser.add_argument("-c", "--concurrency", type=int, help="tasks run at once (default 100)")
+    parser.add_argument("-Q", "--queues", help="comma-separated queues to consume")
+    parser.add_argument("-n", "--hostname", help="node name; %%h is the host name")
+    parser.add_argument("--prefetch-multiplier", type=int, help="prefetch = concurrency x this")
+    parser.add_argument("--shutdown-timeout", type=float, help="seconds to drain on SIGTERM")
+    return parser
+
+
+async def _watch_signals(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            if count == 1:
+                logger.warning(
+                    "%s received: stopping (running tasks get %ss; signal again to stop now)",
+                    signal.Signals(signum).name, worker.shutdown_timeout,
+                )
+                worker.stop()
+            else:
+                logger.warning("Second signal: cancelling running tasks now")
+                worker.stop(immediate=True)
+
+
+async def _serve(app: AioQueue, options: argparse.Namespace, version: str) -> None:
+    worker = Worker(
+        app,
+        queues=[q for q in options.queues.split(",") if q] if options.queues else None,
+        concurrency=options.concurrency,
+        prefetch_multiplier=options.prefetch_multiplier,
+        hostname=_hostname(options.hostname),
+        shutdown_timeout=options.shutdown_timeout,
+    )
+    print(render_banner(worker, version), flush=True)
+    async with app, anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, worker)
+        await worker.run()
+        tg.cancel_scope.cancel()
+    logger.info("Worker %s stopped", worker.hostname)
+
+
+def worker_main(argv: Sequence[str] | None = None, prog: str = "python -m aioqueue.worker") -> int:
+    options = _parser(prog).parse_args(argv)
+    logging.basicConfig(level=options.loglevel, format=LOG_FORMAT, stream=sys.stderr)
+    from .. import __version__
+
+    try:
+        app = find_app(options.app)
+        for module in app.include:
+            importlib.import_module(module)
+        anyio.run(_serve, app, options, __version__)
+    except AioQueueError as exc:
+        print(f"aioqueue: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover - a signal that arrived before the handler
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``aioqueue <command>``; the only command today is ``worker``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help"}:
+        print("usage: aioqueue worker -A MODULE [options]\n\ncommands:\n  worker  start a worker")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "worker":
+        return worker_main(rest, prog="aioqueue worker")
+    print(f"aioqueue: unknown command {command!r}; try 'aioqueue worker -A tasks'",
+          file=sys.stderr)
+    return 2

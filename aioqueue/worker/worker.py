@@ -1,0 +1,305 @@
+"""The worker: consume, run coroutine tasks concurrently under a semaphore, store, acknowledge.
+
+One semaphore of ``concurrency`` permits is acquired before the next delivery is taken and
+released in one ``finally``. Plain ``def`` tasks run in worker threads, never on the loop.
+With late acknowledgement (the default) a message is acknowledged only after its result is
+stored, so a worker that dies loses nothing. On shutdown the worker stops consuming (the
+broker gets prefetched messages back), lets running tasks finish within
+``worker_shutdown_timeout``, then cancels the rest and returns their messages to the queue.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .. import states
+from ..exceptions import AioQueueError, NotRegistered, Reject, SerializationError, TaskRevokedError
+from ..meta import exception_to_dict, make_meta
+from ..protocol import TaskMessage, decode_task
+from ..serialization import accepted_types
+from ..task import Request, reset_request, set_request
+
+if TYPE_CHECKING:
+    from ..app import AioQueue
+    from ..brokers.base import Delivery
+    from ..results.base import ResultStore
+    from ..task import Task
+
+__all__ = ("Worker", "default_hostname")
+
+logger = logging.getLogger("aioqueue.worker")
+
+
+def default_hostname() -> str:
+    return f"aioqueue@{socket.gethostname()}"
+
+
+class Worker:
+    """Runs an app's tasks. ``await worker.run()`` until ``worker.stop()`` is called."""
+
+    def __init__(
+        self,
+        app: AioQueue,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        prefetch_multiplier: int | None = None,
+        hostname: str | None = None,
+        shutdown_timeout: float | None = None,
+    ) -> None:
+        conf = app.conf
+        self.app = app
+        self.queues = list(queues or [conf.task_default_queue])
+        self.concurrency = concurrency or conf.worker_concurrency
+        self.prefetch_multiplier = prefetch_multiplier or conf.worker_prefetch_multiplier
+        self.hostname = hostname or default_hostname()
+        self.shutdown_timeout = (
+            shutdown_timeout if shutdown_timeout is not None else conf.worker_shutdown_timeout
+        )
+        self.accept = accepted_types(conf.accept_content)
+        self.started = anyio.Event()
+        self.running = 0  # tasks being handled right now
+        self._idle = anyio.Event()
+        self._stop_requested = False
+        self._consume_scope: anyio.CancelScope | None = None
+        self._tasks_scope: anyio.CancelScope | None = None
+        self._thread_limiter = anyio.CapacityLimiter(self.concurrency)
+        self._store: ResultStore | None = None
+
+    @property
+    def prefetch(self) -> int:
+        return self.concurrency * self.prefetch_multiplier
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def stop(self, *, immediate: bool = False) -> None:
+        """Stop consuming; running tasks get ``shutdown_timeout`` to finish (none if immediate)."""
+        self._stop_requested = True
+        if self._consume_scope is not None:
+            self._consume_scope.cancel()
+        if immediate and self._tasks_scope is not None:
+            self._tasks_scope.cancel()
+
+    async def run(self) -> None:
+        """Consume until ``stop()``; returns after running tasks finished or were requeued."""
+        broker = await self.app.get_broker()
+        self._store = await self.app.get_result_store()
+        for name in self.queues:
+            await broker.declare(self.app.queue_spec(name))
+        limit = anyio.Semaphore(self.concurrency)
+        async with anyio.create_task_group() as tasks:
+            self._tasks_scope = tasks.cancel_scope
+            consumer = broker.consume(self.queues, prefetch=self.prefetch)
+            await consumer.start()
+            try:
+                with anyio.CancelScope() as self._consume_scope:
+                    if self._stop_requested:
+                        self._consume_scope.cancel()
+                    self.started.set()
+                    while True:
+                        await limit.acquire()
+                        try:
+                            delivery = await consumer.receive()
+                        except BaseException:
+                            limit.release()
+                            raise
+                        self.running += 1
+                        tasks.start_soon(self._handle, delivery, limit)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await consumer.stop()
+            if self.running:
+                logger.info(
+                    "Waiting up to %ss for %d running task(s)", self.shutdown_timeout, self.running
+                )
+                with anyio.move_on_after(self.shutdown_timeout):
+                    await self._idle.wait()
+            if self.running:
+                logger.warning("Cancelling %d task(s); their messages go back", self.running)
+            tasks.cancel_scope.cancel()
+
+    # -- one message ---------------------------------------------------------------------
+
+    async def _handle(self, delivery: Delivery, limit: anyio.Semaphore) -> None:
+        try:
+            await self._process(delivery, limit)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:
+            # Never let one message stop the worker; the message goes back to the queue.
+            logger.exception("Unexpected error while handling a message; requeued")
+            with anyio.CancelScope(shield=True):
+                await delivery.reject(requeue=True)
+        finally:
+            limit.release()
+            self.running -= 1
+            if self.running == 0 and self._stop_requested:
+                self._idle.set()
+
+    async def _process(self, delivery: Delivery, limit: anyio.Semaphore) -> None:
+        envelope = delivery.envelope
+        try:
+            message = decode_task(envelope, self.accept)
+        except AioQueueError as exc:
+            task_id = envelope.headers.get("id") if isinstance(envelope.headers, dict) else None
+            logger.error(
+                "Rejecting message %s: %s", task_id or "(no id)", exc,
+                extra={"task_id": task_id},
+            )
+            await delivery.reject(requeue=False)
+            return
+        task = self.app.tasks.get(message.task)
+        if task is None:
+            logger.error(
+                "Received unregistered task of type %r (id %s); rejected",
+                message.task, message.id, extra={"task_id": message.id},
+            )
+            await self._store_exception(message, None, states.FAILURE, NotRegistered(message.task))
+            await delivery.reject(requeue=False)
+            return
+        now = datetime.now(UTC)
+        if message.expires is not None and message.expires <= now:
+            logger.info("Task %s[%s] expired; discarded", message.task, message.id)
+            expired = TaskRevokedError("expired")
+            await self._store_exception(message, task, states.REVOKED, expired)
+            await delivery.ack()
+            return
+        if message.eta is not None and message.eta > now:
+            await self._hold_until_eta(message, limit)
+            if message.expires is not None and message.expires <= datetime.now(UTC):
+                expired = TaskRevokedError("expired")
+                await self._store_exception(message, task, states.REVOKED, expired)
+                await delivery.ack()
+                return
+        await self._execute(delivery, message, task)
+
+    async def _hold_until_eta(self, message: TaskMessage, limit: anyio.Semaphore) -> None:
+        """Wait for the ETA without holding a concurrency permit (the message stays unacked)."""
+        assert message.eta is not None
+        logger.info("Task %s[%s] received, ETA %s", message.task, message.id, message.eta)
+        limit.release()
+        try:
+            await anyio.sleep((message.eta - datetime.now(UTC)).total_seconds())
+        finally:
+            # Take the permit back even if cancelled, so the caller's release stays balanced.
+            with anyio.CancelScope(shield=True):
+                await limit.acquire()
+
+    async def _execute(
+        self, delivery: Delivery, message: TaskMessage, task: Task[Any, Any]
+    ) -> None:
+        acks_late = task.acks_late
+        if not acks_late:
+            await delivery.ack()
+        logger.info(
+            "Task %s[%s] received", message.task, message.id,
+            extra={"task_id": message.id, "task_name": message.task},
+        )
+        if self.app.conf.task_track_started and not self._ignored(message, task):
+            started = {"pid": os.getpid(), "hostname": self.hostname}
+            await self._store_record(message, task, make_meta(message.id, states.STARTED, started))
+        request = Request(
+            id=message.id,
+            task=message.task,
+            args=message.args,
+            kwargs=message.kwargs,
+            retries=message.retries,
+            eta=message.eta,
+            expires=message.expires,
+            root_id=message.root_id,
+            parent_id=message.parent_id,
+            group=message.group,
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
+            delivery_info={"routing_key": delivery.routing_key, "priority": message.priority},
+            hostname=self.hostname,
+            headers=message.headers,
+        )
+        started_at = time.perf_counter()
+        try:
+            value = await self._call(task, request, message)
+        except anyio.get_cancelled_exc_class():
+            if acks_late:
+                with anyio.CancelScope(shield=True):
+                    await delivery.reject(requeue=True)
+            logger.warning("Task %s[%s] cancelled; message requeued", message.task, message.id)
+            raise
+        except Reject as rejection:
+            logger.info("Task %s[%s] rejected: %s", message.task, message.id, rejection)
+            if acks_late:
+                await delivery.reject(requeue=rejection.requeue)
+            return
+        except Exception as exc:
+            runtime = time.perf_counter() - started_at
+            logger.exception(
+                "Task %s[%s] raised unexpected: %r (after %.6fs)",
+                message.task, message.id, exc, runtime,
+                extra={"task_id": message.id, "task_name": message.task},
+            )
+            await self._store_exception(message, task, states.FAILURE, exc)
+        else:
+            runtime = time.perf_counter() - started_at
+            await self._store_success(message, task, value)
+            logger.info(
+                "Task %s[%s] succeeded in %.6fs: %r", message.task, message.id, runtime, value,
+                extra={"task_id": message.id, "task_name": message.task},
+            )
+        if acks_late:
+            await delivery.ack()
+
+    async def _call(self, task: Task[Any, Any], request: Request, message: TaskMessage) -> Any:
+        token = set_request(request)
+        try:
+            if task.is_coroutine:
+                return await task.run(*message.args, **message.kwargs)
+            call = functools.partial(task.run, *message.args, **message.kwargs)
+            return await anyio.to_thread.run_sync(call, limiter=self._thread_limiter)
+        finally:
+            reset_request(token)
+
+    # -- results -------------------------------------------------------------------------
+
+    def _ignored(self, message: TaskMessage, task: Task[Any, Any] | None) -> bool:
+        if message.ignore_result is not None:
+            return message.ignore_result
+        return task.ignore_result if task is not None else self.app.conf.task_ignore_result
+
+    async def _store_record(
+        self, message: TaskMessage, task: Task[Any, Any] | None, meta: dict[str, Any]
+    ) -> None:
+        if self._store is None or self._ignored(message, task):
+            return
+        await self._store.store(message.id, meta, reply_to=message.reply_to)
+
+    async def _store_success(self, message: TaskMessage, task: Task[Any, Any], value: Any) -> None:
+        meta = make_meta(message.id, states.SUCCESS, value, parent_id=message.parent_id)
+        try:
+            await self._store_record(message, task, meta)
+        except SerializationError as exc:
+            logger.error(
+                "Task %s[%s] returned a value that cannot be stored: %s",
+                message.task, message.id, exc,
+            )
+            await self._store_exception(
+                message, task, states.FAILURE,
+                SerializationError(f"result of {message.task} cannot be serialized: {exc}"),
+            )
+
+    async def _store_exception(
+        self, message: TaskMessage, task: Task[Any, Any] | None, status: str, exc: BaseException
+    ) -> None:
+        tb = "".join(traceback.format_exception(exc)) if exc.__traceback__ else None
+        meta = make_meta(
+            message.id, status, exception_to_dict(exc), traceback=tb, parent_id=message.parent_id
+        )
+        await self._store_record(message, task, meta)
