@@ -180,7 +180,7 @@ class AioQueue:
         module = fn.__module__
         if module == "__main__" and self.main:
             module = self.main
-        return f"{module}.{fn.__qualname__}"
+        return f"{module}.{fn.__name__}"
 
     # -- connections ---------------------------------------------------------------------
 
@@ -328,8 +328,8 @@ class AioQueue:
         Arguments that cannot be serialized raise ``SerializationError`` and nothing is sent.
         """
         task_id = task_id or str(uuid.uuid4())
-        args = list(args or ())
-        kwargs = dict(kwargs or {})
+        args = args if args is not None else ()  # kept as given: argsrepr shows a tuple or list
+        kwargs = kwargs if kwargs is not None else {}
         route = self.route(name, args, kwargs, queue if explicit_queue else None)
         if not route and queue is not None:
             route = {"queue": queue}
@@ -350,7 +350,7 @@ class AioQueue:
         envelope = encode_task(
             task=name,
             task_id=task_id,
-            args=args,
+            args=args if isinstance(args, tuple | list) else list(args),
             kwargs=kwargs,
             serializer=serializer or self.conf.task_serializer,
             eta=eta,

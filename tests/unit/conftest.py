@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import pytest
@@ -39,3 +41,18 @@ async def worker(app: AioQueue) -> AsyncIterator[Worker]:
     w.stop()
     with anyio.fail_after(10):
         await running
+
+
+@asynccontextmanager
+async def running_worker(app: AioQueue, **options: Any) -> AsyncIterator[Worker]:
+    """Run a worker inside the test's own task group; stops it on exit."""
+    options.setdefault("shutdown_timeout", 2)
+    w = Worker(app, **options)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(w.run)
+        with anyio.fail_after(5):
+            await w.started.wait()
+        try:
+            yield w
+        finally:
+            w.stop()
