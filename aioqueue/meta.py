@@ -8,6 +8,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from . import exceptions, states
 
 __all__ = ("exception_from_dict", "exception_to_dict", "make_meta")
@@ -16,11 +18,14 @@ _JSON_SAFE = (str, int, float, bool, type(None))
 
 
 def _safe_arg(value: Any) -> Any:
+    """Keep an exception argument that JSON can carry as it is; others become their repr."""
     if isinstance(value, _JSON_SAFE):
         return value
-    if isinstance(value, list | tuple) and all(isinstance(v, _JSON_SAFE) for v in value):
-        return list(value)
-    return repr(value)
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return repr(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def exception_to_dict(exc: BaseException) -> dict[str, Any]:
@@ -31,6 +36,10 @@ def exception_to_dict(exc: BaseException) -> dict[str, Any]:
     # Our own TaskError stand-ins keep the remote type they stand for.
     if isinstance(exc, exceptions.TaskError) and exc.exc_type and cls is exceptions.TaskError:
         exc_type, module = exc.exc_type, exc.exc_module or module
+    # Our equivalents of Celery's exceptions travel under Celery's names, as a stock worker
+    # stores them (vectors redis_result_unregistered, _revoked, _expired).
+    elif cls in _AS_CELERY:
+        module, exc_type = _AS_CELERY[cls]
     return {
         "exc_type": exc_type,
         "exc_message": [_safe_arg(a) for a in exc.args],
@@ -44,6 +53,7 @@ _CELERY_EQUIVALENTS: dict[tuple[str, str], type[BaseException]] = {
     ("celery.exceptions", "TaskRevokedError"): exceptions.TaskRevokedError,
     ("celery.exceptions", "TimeoutError"): exceptions.TimeoutError,
 }
+_AS_CELERY = {cls: name for name, cls in _CELERY_EQUIVALENTS.items()}
 
 
 def _lookup(module: str, qualname: str) -> Any:

@@ -11,6 +11,7 @@ import bz2
 import gzip
 import json
 import lzma
+import re
 import uuid
 import zlib
 from collections.abc import Callable, Iterable
@@ -102,12 +103,20 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
+# orjson reads an integer outside the 64-bit range as a float (its digits are lost) and
+# refuses NaN/Infinity; stock JSON writes both. Such an integer has 19 digits or more, so
+# a body with a run of 19 digits goes to the standard library parser, which is exact.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
 def _json_loads(data: bytes) -> Any:
-    try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        # Stock JSON may hold NaN/Infinity or integers wider than 64 bits; orjson refuses them.
+    if _LONG_DIGITS.search(data) is not None:
         value = json.loads(data)
+    else:
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            value = json.loads(data)  # NaN, Infinity
     if b'"__type__"' in data:
         value = _unwrap(value)
     return value
