@@ -212,6 +212,21 @@ class AioQueue:
             if broker is not None:
                 await broker.close()
 
+    async def use(
+        self, *, broker: str | Broker | None, backend: str | ResultStore | None
+    ) -> None:
+        """Close current connections and point the app at another broker and result store.
+
+        Used by ``aioqueue.testing`` to run a user's own app on ``memory://`` for a test.
+        """
+        await self.close()
+        self._broker_instance = broker if isinstance(broker, Broker) else None
+        self._store_instance = backend if isinstance(backend, ResultStore) else None
+        self.conf.broker_url = broker.url if isinstance(broker, Broker) else broker
+        self.conf.result_backend = (
+            backend if isinstance(backend, str) or backend is None else backend.url
+        )
+
     def _connection_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:

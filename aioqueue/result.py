@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from traceback import format_exception
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, overload
 
 from . import states
 from .exceptions import ResultUnavailableError
-from .meta import exception_from_dict
+from .meta import exception_from_dict, exception_to_dict, make_meta
 
 if TYPE_CHECKING:
     from .app import AioQueue
     from .results.base import ResultStore
 
-__all__ = ("AsyncResult",)
+__all__ = ("AsyncResult", "EagerResult")
 
 R = TypeVar("R")
 
@@ -139,3 +140,49 @@ class AsyncResult(Generic[R]):
         """Delete the stored result."""
         self._meta = None
         await (await self._store()).forget(self.id)
+
+
+class EagerResult(AsyncResult[R]):
+    """The result of a task run in this process (``task_always_eager`` or ``Task.apply()``).
+
+    Same API as ``AsyncResult``; nothing is stored, and ``get()`` raises the original
+    exception object.
+    """
+
+    __slots__ = ("_error", "_value")
+
+    def __init__(
+        self,
+        id: str,
+        app: AioQueue,
+        *,
+        task_name: str | None = None,
+        value: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        super().__init__(id, app, task_name=task_name)
+        self._value = value
+        self._error = exception
+        if exception is None:
+            self._meta = make_meta(id, states.SUCCESS, value)
+        else:
+            tb = "".join(format_exception(exception))
+            self._meta = make_meta(
+                id, states.FAILURE, exception_to_dict(exception), traceback=tb
+            )
+
+    def __repr__(self) -> str:
+        return f"<EagerResult: {self.id}>"
+
+    async def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
+        if self._error is not None:
+            if propagate:
+                raise self._error
+            return self._error
+        return self._value
+
+    async def info(self) -> Any:
+        return self._error if self._error is not None else self._value
+
+    async def forget(self) -> None:
+        pass

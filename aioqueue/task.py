@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable, Coroutine
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+import anyio
+
+from .result import EagerResult
 
 if TYPE_CHECKING:
     from .app import AioQueue
@@ -117,6 +123,49 @@ class Task(Generic[P, R]):
             return self.fn(self, *args, **kwargs)
         return self.fn(*args, **kwargs)
 
+    async def execute(
+        self,
+        request: Request,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> Any:
+        """Run one call with ``request`` current: coroutines on the loop, functions in a thread."""
+        token = _current_request.set(request)
+        try:
+            if self.is_coroutine:
+                return await self.run(*args, **kwargs)
+            # anyio copies the context into the thread, so self.request works there too.
+            call = functools.partial(self.run, *args, **kwargs)
+            return await anyio.to_thread.run_sync(call, limiter=limiter)
+        finally:
+            _current_request.reset(token)
+
+    async def apply(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> EagerResult[R]:
+        """Run the task here and now (as ``task_always_eager`` does); same result API.
+
+        With ``task_eager_propagates`` an exception is raised here; otherwise ``get()`` raises it.
+        """
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        self.check_arguments(args, kwargs)
+        task_id = task_id or str(uuid.uuid4())
+        request = Request(id=task_id, task=self.name, args=list(args), kwargs=kwargs, is_eager=True)
+        try:
+            value = await self.execute(request, args, kwargs)
+        except Exception as exc:
+            if self.app.conf.task_eager_propagates:
+                raise
+            return EagerResult(task_id, self.app, task_name=self.name, exception=exc)
+        return EagerResult(task_id, self.app, task_name=self.name, value=value)
+
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Send the task with these arguments; returns once the broker confirmed it."""
         return await self.apply_async(args, kwargs)
@@ -144,6 +193,8 @@ class Task(Generic[P, R]):
         retries: int = 0,
     ) -> AsyncResult[R]:
         """Send the task with options, as Celery's ``apply_async``; see ``AioQueue.send_task``."""
+        if self.app.conf.task_always_eager:
+            return await self.apply(args, kwargs, task_id=task_id)
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         self.check_arguments(args, kwargs)
@@ -188,12 +239,3 @@ class SyncTask(Task[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         value: R = self.run(*args, **kwargs)
         return value
-
-
-def set_request(request: Request | None) -> Any:
-    """Make ``request`` current in this context; returns a token for ``reset_request``."""
-    return _current_request.set(request)
-
-
-def reset_request(token: Any) -> None:
-    _current_request.reset(token)

@@ -36,3 +36,5 @@ def settings() -> Settings:
 def unique() -> str:
     """A fresh name for queues and keys used by one test."""
     return f"t-{uuid.uuid4().hex[:12]}"
+
+pytest_plugins = ["pytester"]

@@ -10,7 +10,6 @@ broker gets prefetched messages back), lets running tasks finish within
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -27,7 +26,7 @@ from ..exceptions import AioQueueError, NotRegistered, Reject, SerializationErro
 from ..meta import exception_to_dict, make_meta
 from ..protocol import TaskMessage, decode_task
 from ..serialization import accepted_types
-from ..task import Request, reset_request, set_request
+from ..task import Request
 
 if TYPE_CHECKING:
     from ..app import AioQueue
@@ -227,7 +226,9 @@ class Worker:
         )
         started_at = time.perf_counter()
         try:
-            value = await self._call(task, request, message)
+            value = await task.execute(
+                request, message.args, message.kwargs, self._thread_limiter
+            )
         except anyio.get_cancelled_exc_class():
             if acks_late:
                 with anyio.CancelScope(shield=True):
@@ -256,16 +257,6 @@ class Worker:
             )
         if acks_late:
             await delivery.ack()
-
-    async def _call(self, task: Task[Any, Any], request: Request, message: TaskMessage) -> Any:
-        token = set_request(request)
-        try:
-            if task.is_coroutine:
-                return await task.run(*message.args, **message.kwargs)
-            call = functools.partial(task.run, *message.args, **message.kwargs)
-            return await anyio.to_thread.run_sync(call, limiter=self._thread_limiter)
-        finally:
-            reset_request(token)
 
     # -- results -------------------------------------------------------------------------
 
