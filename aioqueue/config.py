@@ -49,35 +49,72 @@ class Queue:
         return self.name if self.routing_key is None else self.routing_key
 
 
-# Celery settings aioqueue recognises but does not implement (yet); accepted with a warning.
+# Every other Celery 5.x setting name: recognised, accepted and reported, not implemented (yet).
 UNSUPPORTED_CELERY_SETTINGS = frozenset(
     {
-        "beat_schedule", "beat_scheduler", "beat_max_loop_interval", "beat_schedule_filename",
-        "broker_heartbeat", "broker_heartbeat_checkrate", "broker_login_method",
-        "broker_failover_strategy", "broker_pool_limit", "broker_use_ssl",
-        "broker_channel_error_retry", "broker_connection_max_retries", "broker_connection_retry",
-        "broker_read_url", "broker_write_url", "cache_backend", "cache_backend_options",
+        "arangodb_backend_settings", "azureblockblob_base_path",
+        "azureblockblob_connection_timeout", "azureblockblob_container_name",
+        "azureblockblob_read_timeout", "azureblockblob_retry_increment_base",
+        "azureblockblob_retry_initial_backoff_sec", "azureblockblob_retry_max_attempts",
+        "beat_cron_starting_deadline", "beat_enable_remote_control",
+        "beat_max_loop_interval", "beat_remote_control_max_tick_age", "beat_schedule",
+        "beat_schedule_filename", "beat_scheduler", "beat_sync_every",
+        "broker_channel_error_retry", "broker_connection_max_retries",
+        "broker_connection_retry", "broker_failover_strategy", "broker_heartbeat",
+        "broker_heartbeat_checkrate", "broker_host", "broker_login_method",
+        "broker_native_delayed_delivery_queue_type", "broker_password",
+        "broker_pool_acquire_timeout", "broker_pool_limit", "broker_port",
+        "broker_read_url", "broker_transport", "broker_use_ssl", "broker_user",
+        "broker_vhost", "broker_write_url", "cache_backend", "cache_backend_options",
+        "cassandra_auth_kwargs", "cassandra_auth_provider", "cassandra_bundle_path",
+        "cassandra_entry_ttl", "cassandra_keyspace", "cassandra_options", "cassandra_port",
+        "cassandra_read_consistency", "cassandra_servers", "cassandra_table",
+        "cassandra_write_consistency", "control_exchange", "control_queue_durable",
+        "control_queue_exclusive", "control_queue_expires", "control_queue_ttl",
+        "cosmosdbsql_collection_name", "cosmosdbsql_consistency_level",
+        "cosmosdbsql_database_name", "cosmosdbsql_max_retry_attempts",
+        "cosmosdbsql_max_retry_wait_time", "couchbase_backend_settings",
+        "database_create_tables_at_setup", "database_engine_callback",
         "database_engine_options", "database_short_lived_sessions", "database_table_names",
-        "event_queue_expires", "event_queue_ttl", "event_serializer", "imports", "include",
-        "redis_backend_health_check_interval", "redis_max_connections", "redis_retry_on_timeout",
-        "redis_socket_connect_timeout", "redis_socket_keepalive", "redis_socket_timeout",
-        "result_backend_always_retry", "result_backend_max_retries", "result_cache_max",
-        "result_chord_join_timeout", "result_chord_retry_interval", "result_compression",
-        "result_persistent", "security_certificate", "security_cert_store", "security_key",
-        "task_annotations", "task_acks_on_failure_or_timeout", "task_create_missing_queues",
-        "task_default_delivery_mode", "task_default_exchange_type", "task_default_rate_limit",
+        "database_table_schemas", "database_url", "elasticsearch_max_retries",
+        "elasticsearch_retry_on_timeout", "elasticsearch_save_meta_as_text",
+        "elasticsearch_timeout", "event_exchange", "event_queue_durable",
+        "event_queue_exclusive", "event_queue_expires", "event_queue_prefix",
+        "event_queue_ttl", "event_serializer", "gcs_base_path", "gcs_bucket", "gcs_project",
+        "gcs_ttl", "imports", "include", "mongodb_backend_settings",
+        "redis_backend_health_check_interval", "redis_backend_use_ssl", "redis_db",
+        "redis_host", "redis_max_connections", "redis_password", "redis_port",
+        "redis_retry_on_timeout", "redis_socket_connect_timeout", "redis_socket_keepalive",
+        "redis_socket_timeout", "redis_username", "result_backend_always_retry",
+        "result_backend_base_sleep_between_retries_ms", "result_backend_max_retries",
+        "result_backend_max_sleep_between_retries_ms", "result_cache_max",
+        "result_chord_expires", "result_chord_join_timeout", "result_chord_retry_interval",
+        "result_compression", "result_exchange", "result_exchange_type",
+        "result_failure_expires", "result_persistent", "s3_access_key_id", "s3_base_path",
+        "s3_bucket", "s3_endpoint_url", "s3_region", "s3_secret_access_key",
+        "security_cert_store", "security_certificate", "security_digest", "security_key",
+        "security_key_password", "task_acks_on_failure", "task_acks_on_failure_or_timeout",
+        "task_acks_on_timeout", "task_allow_error_cb_on_chord_header", "task_annotations",
+        "task_create_missing_queue_exchange_type", "task_create_missing_queue_type",
+        "task_create_missing_queues", "task_default_delivery_mode",
+        "task_default_exchange_type", "task_default_queue_type", "task_default_rate_limit",
         "task_inherit_parent_priority", "task_protocol", "task_publish_retry",
         "task_publish_retry_policy", "task_reject_on_worker_lost", "task_remote_tracebacks",
-        "task_send_sent_event", "task_store_errors_even_if_ignored", "worker_agent",
+        "task_repr_maxlevels", "task_retry_on_worker_lost", "task_send_sent_event",
+        "task_store_eager_result", "task_store_errors_even_if_ignored", "worker_agent",
         "worker_autoscaler", "worker_cancel_long_running_tasks_on_connection_loss",
-        "worker_consumer", "worker_direct", "worker_disable_rate_limits",
-        "worker_enable_remote_control",
-        "worker_hijack_root_logger", "worker_log_color", "worker_log_format", "worker_lost_wait",
+        "worker_consumer", "worker_deduplicate_successful_tasks",
+        "worker_detect_quorum_queues", "worker_direct", "worker_disable_prefetch",
+        "worker_disable_rate_limits", "worker_enable_prefetch_count_reduction",
+        "worker_enable_remote_control", "worker_enable_soft_shutdown_on_idle",
+        "worker_eta_task_limit", "worker_hijack_root_logger", "worker_log_color",
+        "worker_log_datefmt", "worker_log_format", "worker_lost_wait",
         "worker_max_memory_per_child", "worker_max_tasks_per_child", "worker_pool",
-        "worker_pool_restarts", "worker_redirect_stdouts", "worker_redirect_stdouts_level",
-        "worker_send_task_events", "worker_state_db", "worker_task_log_format", "worker_timer",
-        "worker_timer_precision", "worker_deduplicate_successful_tasks",
-        "task_track_received",
+        "worker_pool_putlocks", "worker_pool_restarts", "worker_pool_start_method",
+        "worker_proc_alive_timeout", "worker_redirect_stdouts",
+        "worker_redirect_stdouts_level", "worker_send_task_events",
+        "worker_soft_shutdown_timeout", "worker_state_db", "worker_task_log_datefmt",
+        "worker_task_log_format", "worker_timer", "worker_timer_precision",
     }
 )
 
@@ -152,9 +189,12 @@ class Settings:
     unsupported: dict[str, Any] = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name not in _FIELD_NAMES:
-            raise _unknown(name)
-        object.__setattr__(self, name, _check(name, value))
+        if name == "unsupported":  # bookkeeping, set once by __init__
+            object.__setattr__(self, name, value)
+        elif name in _FIELD_NAMES:
+            object.__setattr__(self, name, _check(name, value))
+        else:
+            self.update({name: value})
 
     def __getitem__(self, name: str) -> Any:
         if name not in _FIELD_NAMES:
@@ -165,7 +205,9 @@ class Settings:
         self.update({name: value})
 
     def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name) if name in _FIELD_NAMES else default
+        if name in _FIELD_NAMES:
+            return getattr(self, name)
+        return self.unsupported.get(name, default)
 
     def update(self, mapping: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
         """Set several settings at once; checks every name before changing any."""
@@ -173,13 +215,14 @@ class Settings:
         checked: dict[str, Any] = {}
         for name, value in items.items():
             if name in UNSUPPORTED_CELERY_SETTINGS:
-                logger.warning(
-                    "setting %r is a Celery setting aioqueue does not implement; it is ignored "
-                    "(see docs/configuration.md)", name,
-                )
+                if name not in self.unsupported:
+                    logger.warning(
+                        "setting %r is a Celery setting aioqueue does not implement; it is "
+                        "ignored (see docs/configuration.md)", name,
+                    )
                 self.unsupported[name] = value
                 continue
-            if name not in _FIELD_NAMES or name == "unsupported":
+            if name not in _FIELD_NAMES:
                 raise _unknown(name)
             checked[name] = _check(name, value)
         for name, value in checked.items():
@@ -219,10 +262,10 @@ class Settings:
         return self.task_default_routing_key or self.task_default_queue
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "unsupported"}
+        return {name: getattr(self, name) for name in sorted(_FIELD_NAMES)}
 
 
-_FIELD_NAMES = frozenset(f.name for f in fields(Settings))
+_FIELD_NAMES = frozenset(f.name for f in fields(Settings)) - {"unsupported"}
 
 
 def _unknown(name: str) -> ConfigurationError:
@@ -266,6 +309,38 @@ def _str(value: Any, name: str) -> str:
     return value
 
 
+def _serializer(value: Any, name: str) -> str:
+    from .serialization import SERIALIZERS
+
+    if value not in SERIALIZERS:
+        raise ConfigurationError(
+            f"{name} must be one of {', '.join(sorted(SERIALIZERS))}, got {value!r}"
+        )
+    return str(value)
+
+
+def _content_types(value: Any, name: str) -> list[str]:
+    from .serialization import SERIALIZERS
+
+    items = _string_list(value, name)
+    for item in items:
+        if item not in SERIALIZERS and "/" not in item:
+            raise ConfigurationError(
+                f"{name}: {item!r} is neither a serializer name "
+                f"({', '.join(sorted(SERIALIZERS))}) nor a MIME type"
+            )
+    return items
+
+
+def _routes(value: Any, name: str) -> Any:
+    routers = value if isinstance(value, list | tuple) else [value]
+    if value is not None and not all(isinstance(r, Mapping) or callable(r) for r in routers):
+        raise ConfigurationError(
+            f"{name} must be a dict, a callable, or a list of them, got {value!r}"
+        )
+    return value
+
+
 def _dict(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigurationError(f"{name} must be a dict, got {value!r}")
@@ -279,10 +354,10 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "broker_connection_retry_on_startup": _check_bool,
     "broker_transport_options": _dict,
     "result_backend_transport_options": _dict,
-    "task_serializer": _str,
-    "result_serializer": _str,
-    "accept_content": _string_list,
-    "result_accept_content": lambda v, n: None if v is None else _string_list(v, n),
+    "task_serializer": _serializer,
+    "result_serializer": _serializer,
+    "accept_content": _content_types,
+    "result_accept_content": lambda v, n: None if v is None else _content_types(v, n),
     "task_compression": _optional_str,
     "timezone": _str,
     "enable_utc": _check_bool,
@@ -292,6 +367,7 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "task_default_priority": _optional_int,
     "task_queue_max_priority": _optional_int,
     "task_queues": _queues,
+    "task_routes": _routes,
     "task_acks_late": _check_bool,
     "task_ignore_result": _check_bool,
     "task_track_started": _check_bool,

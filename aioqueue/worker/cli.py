@@ -67,6 +67,16 @@ def _hostname(value: str | None) -> str | None:
     return value.replace("%h", host).replace("%n", host.split(".")[0])
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Start an aioqueue worker.")
     parser.add_argument("-A", "--app", required=True, help="module, module:app or module.app")
@@ -75,10 +85,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         help="logging level (default WARNING)",
     )
-    parser.add_argument("-c", "--concurrency", type=int, help="tasks run at once (default 100)")
+    parser.add_argument(
+        "-c", "--concurrency", type=_positive, help="tasks run at once (default 100)"
+    )
     parser.add_argument("-Q", "--queues", help="comma-separated queues to consume")
     parser.add_argument("-n", "--hostname", help="node name; %%h is the host name")
-    parser.add_argument("--prefetch-multiplier", type=int, help="prefetch = concurrency x this")
+    parser.add_argument(
+        "--prefetch-multiplier", type=_positive, help="prefetch = concurrency x this"
+    )
     parser.add_argument("--shutdown-timeout", type=float, help="seconds to drain on SIGTERM")
     return parser
 

@@ -58,7 +58,10 @@ class Worker:
     ) -> None:
         conf = app.conf
         self.app = app
-        self.queues = list(queues or [conf.task_default_queue])
+        # As Celery: -Q if given, else every queue in task_queues, else the default queue.
+        self.queues = list(
+            queues or [q.name for q in conf.task_queues or ()] or [conf.task_default_queue]
+        )
         self.concurrency = concurrency or conf.worker_concurrency
         self.prefetch_multiplier = prefetch_multiplier or conf.worker_prefetch_multiplier
         self.hostname = hostname or default_hostname()

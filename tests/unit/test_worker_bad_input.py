@@ -72,7 +72,7 @@ async def test_bad_messages_are_dead_lettered_and_good_ones_run(
     store = await app.get_result_store()
     assert store is not None
     with caplog.at_level(logging.ERROR, logger="aioqueue"):
-        async with running_worker(app, concurrency=4):
+        async with running_worker(app, concurrency=4, queues=["celery"]):
             for i, (_, envelope) in enumerate(BAD):
                 good = good_envelope("t.add", f"good-{i}", [i, 1])
                 await broker.publish(good, routing_key="celery")
@@ -89,7 +89,7 @@ async def test_bad_messages_are_dead_lettered_and_good_ones_run(
 async def test_unknown_task_is_stored_as_not_registered_and_dead_lettered(app: AioQueue) -> None:
     with_dead_letters(app)
     await (await app.get_broker()).declare(app.queue_spec(DEAD))
-    async with running_worker(app):
+    async with running_worker(app, queues=["celery"]):
         r = await app.send_task("no.such.task", [1])
         with pytest.raises(NotRegistered, match=r"no\.such\.task"):
             await r.get(timeout=5)
