@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 import anyio
+import anyio.abc
 
 from ..app import AioQueue
 from ..exceptions import AioQueueError
@@ -97,8 +98,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-async def _watch_signals(worker: Worker) -> None:
+async def _watch_signals(
+    worker: Worker, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         count = 0
         async for signum in signals:
             count += 1
@@ -122,10 +126,12 @@ async def _serve(app: AioQueue, options: argparse.Namespace, version: str) -> No
         hostname=_hostname(options.hostname),
         shutdown_timeout=options.shutdown_timeout,
     )
-    print(render_banner(worker, version), flush=True)
-    async with app, anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, worker)
-        await worker.run()
+    async with anyio.create_task_group() as tg:
+        # Signals are watched before anything else, so a SIGTERM at any point is graceful.
+        await tg.start(_watch_signals, worker)
+        print(render_banner(worker, version), flush=True)
+        async with app:
+            await worker.run()
         tg.cancel_scope.cancel()
     logger.info("Worker %s stopped", worker.hostname)
 
