@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
 import anyio
@@ -46,3 +46,13 @@ async def real_worker(real_app: AioQueue) -> AsyncIterator[Worker]:
     worker.stop()
     with anyio.fail_after(15):
         await running
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10) -> None:
+    """Wait until ``check()`` is true: for state in another process, which sends no event."""
+    with anyio.fail_after(timeout):
+        while True:
+            outcome = check()
+            if outcome if isinstance(outcome, bool) else await outcome:
+                return
+            await anyio.sleep(0.01)

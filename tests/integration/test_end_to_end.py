@@ -10,6 +10,8 @@ import pytest
 from aioqueue import AioQueue, NotRegistered, ResultUnavailableError, Task, TimeoutError
 from aioqueue.worker import Worker
 
+from .conftest import eventually
+
 pytestmark = pytest.mark.integration
 
 
@@ -58,7 +60,9 @@ async def test_first_steps(real_app: AioQueue, tasks: dict[str, Task[Any, Any]],
     assert await (await tasks["sync"].delay(6, 7)).get(timeout=10) == 42
 
 
-async def test_failure_keeps_its_type(tasks: dict[str, Task[Any, Any]], real_worker: Worker) -> None:
+async def test_failure_keeps_its_type(
+    tasks: dict[str, Task[Any, Any]], real_worker: Worker
+) -> None:
     r = await tasks["fail"].delay(7)
     with pytest.raises(CustomError) as info:
         await r.get(timeout=10)
@@ -101,8 +105,10 @@ async def test_track_started(real_app: AioQueue, tasks: dict[str, Task[Any, Any]
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
         r = await tasks["wait"].delay(1.0)
-        with anyio.fail_after(10):
-            while await r.state() != "STARTED":
-                await anyio.sleep(0.02)
+
+        async def started() -> bool:
+            return await r.state() == "STARTED"
+
+        await eventually(started)
         assert await r.get(timeout=10) == r.id
         worker.stop()

@@ -16,7 +16,7 @@ import pytest
 
 from aioqueue import AioQueue
 
-from .conftest import delete_queues
+from .conftest import delete_queues, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -120,9 +120,7 @@ async def test_banner_logs_and_graceful_sigterm(
             assert await r.get(timeout=10) == 5
             marker = tmp_path / "running"
             slow = await app.send_task("proj.nap", [1.0, str(marker)])
-            with anyio.fail_after(10):
-                while not marker.exists():
-                    await anyio.sleep(0.01)
+            await eventually(marker.exists, timeout=10)
             worker.proc.send_signal(signal.SIGTERM)  # the running task is allowed to finish
             assert await slow.get(timeout=15) == "rested"
         assert worker.proc.wait(timeout=20) == 0
@@ -142,9 +140,7 @@ async def test_killed_worker_loses_nothing(
     async with client(project) as app:
         marker = tmp_path / "started"
         r = await app.send_task("proj.nap", [0.5, str(marker)])
-        with anyio.fail_after(10):
-            while not marker.exists():
-                await anyio.sleep(0.01)
+        await eventually(marker.exists, timeout=10)
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(timeout=10)
         marker.unlink()
@@ -163,9 +159,7 @@ async def test_second_signal_requeues_running_tasks(
     async with client(project) as app:
         marker = tmp_path / "started"
         r = await app.send_task("proj.nap", [30, str(marker)])
-        with anyio.fail_after(10):
-            while not marker.exists():
-                await anyio.sleep(0.01)
+        await eventually(marker.exists, timeout=10)
         worker.proc.send_signal(signal.SIGTERM)
         worker.wait_for("stopping")
         worker.proc.send_signal(signal.SIGINT)
@@ -176,9 +170,7 @@ async def test_second_signal_requeues_running_tasks(
         marker.unlink()
         again = start_worker(tmp_path, project)
         try:
-            with anyio.fail_after(15):
-                while not marker.exists():
-                    await anyio.sleep(0.01)
+            await eventually(marker.exists, timeout=15)
         finally:
             again.proc.send_signal(signal.SIGTERM)
             again.proc.send_signal(signal.SIGINT)
