@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +21,9 @@ if TYPE_CHECKING:
     from ..brokers.base import Broker
     from ..config import Settings
 
-__all__ = ("ResultStore", "raise_timeout")
+__all__ = ("ResultStore", "cancel_and_wait", "raise_timeout")
+
+logger = logging.getLogger(__name__)
 
 
 class ResultStore(ABC):
@@ -100,3 +104,16 @@ def raise_timeout(task_id: str, timeout: float | None) -> Iterator[None]:
             yield
     except builtins.TimeoutError:
         raise TimeoutError(f"no result for task {task_id} within {timeout} s") from None
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], what: str) -> None:
+    """Cancel a background task this store owns and wait until it has ended."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we are being cancelled ourselves, not just our child
+    except Exception:
+        logger.exception("%s failed", what)

@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 from .. import states
 from ..exceptions import ConfigurationError, ResultStoreError, SerializationError
 from ..registry import mask_password
-from .base import ResultStore, raise_timeout
+from .base import ResultStore, cancel_and_wait, raise_timeout
 
 if TYPE_CHECKING:
     from ..brokers.base import Broker
@@ -141,18 +141,6 @@ def _raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise  # we are being cancelled ourselves, not just our child
-    except Exception:
-        logger.exception("redis result store: listener failed")
-
-
 class RedisResultStore(ResultStore):
     """Results in Redis, readable and writable by stock Celery; ``wait()`` uses pub/sub."""
 
@@ -227,7 +215,7 @@ class RedisResultStore(ResultStore):
         self._fail_waiters(ResultStoreError("the result store was closed"))
         listener, self._listener = self._listener, None
         if listener is not None:
-            await _cancel_and_wait(listener)
+            await cancel_and_wait(listener, "redis result store: listener")
         client, self._client = self._client, None
         if client is not None:
             with suppress(RedisError, OSError):

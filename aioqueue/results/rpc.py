@@ -31,7 +31,7 @@ from ..config import Queue
 from ..exceptions import BrokerError, ConfigurationError, ResultStoreError, SerializationError
 from ..protocol import Envelope
 from ..serialization import SERIALIZERS
-from .base import ResultStore, raise_timeout
+from .base import ResultStore, cancel_and_wait, raise_timeout
 
 if TYPE_CHECKING:
     from ..brokers.base import Broker, Consumer
@@ -42,18 +42,6 @@ __all__ = ("RpcResultStore",)
 logger = logging.getLogger(__name__)
 
 _Waiter = asyncio.Future[dict[str, Any]]
-
-
-async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise  # we are being cancelled ourselves, not just our child
-    except Exception:
-        logger.exception("rpc result store: reply consumer failed")
 
 
 class RpcResultStore(ResultStore):
@@ -96,7 +84,7 @@ class RpcResultStore(ResultStore):
         self._fail_waiters(ResultStoreError("the result store was closed"))
         task, self._consumer_task = self._consumer_task, None
         if task is not None:
-            await _cancel_and_wait(task)
+            await cancel_and_wait(task, "rpc result store: reply consumer")
 
     # -- client side -----------------------------------------------------------------------
 
