@@ -24,6 +24,7 @@ BROKERS: dict[str, str] = {
     "amqps": "aioqueue.brokers.amqp:AmqpBroker",
     "pyamqp": "aioqueue.brokers.amqp:AmqpBroker",
     "memory": "aioqueue.brokers.memory:MemoryBroker",
+    "sqlite": "aioqueue.brokers.sqlite:SqliteBroker",
 }
 
 RESULT_STORES: dict[str, str] = {
@@ -31,6 +32,7 @@ RESULT_STORES: dict[str, str] = {
     "rediss": "aioqueue.results.redis:RedisResultStore",
     "rpc": "aioqueue.results.rpc:RpcResultStore",
     "memory": "aioqueue.results.memory:MemoryResultStore",
+    "sqlite": "aioqueue.results.sqlite:SqliteResultStore",
 }
 
 
