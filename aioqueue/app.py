@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672//"
+#: The embedded default: one SQLite file in the working directory, no server needed.
+EMBEDDED_URL = "sqlite:///aioqueue.db"
 
 
 class TaskDecorator(Protocol):
@@ -100,7 +101,21 @@ class AioQueue:
 
     @property
     def broker_url(self) -> str:
-        return self.conf.broker_url or DEFAULT_BROKER_URL
+        """``broker_url``, or the embedded SQLite file when none is set."""
+        return self.conf.broker_url or EMBEDDED_URL
+
+    @property
+    def result_backend_url(self) -> str | None:
+        """``result_backend``; the embedded SQLite file when neither URL is set; else None."""
+        if self.conf.result_backend:
+            return self.conf.result_backend
+        if self.conf.broker_url is None and self._broker_instance is None:
+            return EMBEDDED_URL
+        return None
+
+    @property
+    def uses_embedded_default(self) -> bool:
+        return self.conf.broker_url is None and self._broker_instance is None
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -245,12 +260,18 @@ class AioQueue:
         async with self._connection_lock():
             if self._connected:
                 return
+            if self.uses_embedded_default:
+                logger.warning(
+                    "No broker_url set: using the embedded SQLite broker and result store in "
+                    "%s; set broker_url (e.g. amqp://...) and result_backend for production",
+                    EMBEDDED_URL.removeprefix("sqlite:///"),
+                )
             broker = self._broker_instance or broker_class(self.broker_url)(
                 self.broker_url, self.conf
             )
             await broker.connect()
             self._broker = broker
-            backend = self.conf.result_backend
+            backend = self.result_backend_url
             if self._store_instance is not None or backend:
                 store = self._store_instance or result_store_class(backend or "")(
                     backend or "", self.conf, broker

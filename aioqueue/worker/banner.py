@@ -17,7 +17,10 @@ __all__ = ("render_banner",)
 def render_banner(worker: Worker, version: str) -> str:
     app = worker.app
     conf = app.conf
-    backend = conf.result_backend or "disabled"
+    backend = app.result_backend_url or "disabled"
+    embedded = ""
+    if app.uses_embedded_default:
+        embedded = "  (embedded default: set broker_url for production)"
     acks = "late (after the result is stored)" if conf.task_acks_late else "early"
     lines = [
         f"aioqueue {version} :: {worker.hostname}",
@@ -26,7 +29,7 @@ def render_banner(worker: Worker, version: str) -> str:
         "",
         "[config]",
         f"  app:          {app.main or '__main__'}:{id(app):#x}",
-        f"  transport:    {mask_password(app.broker_url)}",
+        f"  transport:    {mask_password(app.broker_url)}{embedded}",
         f"  results:      {mask_password(backend)}",
         f"  concurrency:  {worker.concurrency} (asyncio)",
         f"  prefetch:     {worker.prefetch} ({worker.prefetch_multiplier} x concurrency)",

@@ -12,7 +12,7 @@ HERE = Path(__file__).parent
 def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "aioqueue.worker", "-A", "tasks", "--loglevel=INFO", "-c", "100"],
+        [sys.executable, "-m", "aioqueue.worker", "-A", "tasks", "--loglevel=WARNING", "-c", "100"],
         cwd=HERE, env=env,
     )
     try:

@@ -6,10 +6,13 @@ import anyio
 
 from aioqueue import AioQueue
 
+# With no URLs at all, aioqueue uses its embedded default: one SQLite file, ./aioqueue.db,
+# as broker and result store, so this runs with no server. For production, for example:
+#   AIOQUEUE_BROKER=amqp://guest:guest@localhost:5672// AIOQUEUE_BACKEND=redis://localhost:6379/0
 app = AioQueue(
     "tasks",
-    broker=os.environ.get("AIOQUEUE_BROKER", "amqp://guest:guest@localhost:5672//"),
-    backend=os.environ.get("AIOQUEUE_BACKEND", "redis://localhost:6379/0"),
+    broker=os.environ.get("AIOQUEUE_BROKER"),
+    backend=os.environ.get("AIOQUEUE_BACKEND"),
 )
 
 
