@@ -143,6 +143,9 @@ class RpcResultStore(ResultStore):
                 logger.warning("rpc result store: reply without a task id dropped")
                 return
         records = self._records
+        previous = records.get(task_id)
+        if previous is not None and previous.get("status") == states.SUCCESS:
+            return  # as every store: a SUCCESS is never overwritten (a late STARTED, say)
         records[task_id] = meta
         records.move_to_end(task_id)
         while len(records) > self.max_records:
