@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import inspect
 import logging
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Concatenate, Literal, ParamSpec, Protocol, Self, TypeVar, overload
+from typing import (
+    Any,
+    Concatenate,
+    Literal,
+    ParamSpec,
+    Protocol,
+    Self,
+    TypeVar,
+    Unpack,
+    overload,
+)
 
+from . import routing
 from .brokers.base import Broker
 from .config import Queue, Settings
-from .exceptions import ConfigurationError
 from .protocol import encode_task
 from .registry import broker_class, result_store_class
 from .result import AsyncResult
 from .results.base import ResultStore
-from .task import AsyncTask, SyncTask, Task
+from .task import AsyncTask, SendOptions, SyncTask, Task
 
 __all__ = ("AioQueue",)
 
@@ -309,27 +318,7 @@ class AioQueue:
 
     def queue_spec(self, name: str) -> Queue:
         """The declared form of a queue: from ``task_queues`` or as Celery creates one."""
-        for queue in self.conf.task_queues or ():
-            if queue.name == name:
-                return queue
-        if name == self.conf.task_default_queue:
-            return Queue(name, exchange=self.conf.exchange, routing_key=self.conf.routing_key)
-        return Queue(name)
-
-    def route(
-        self, name: str, args: Sequence[Any], kwargs: dict[str, Any], queue: str | None
-    ) -> dict[str, Any]:
-        """Routing options for a task from ``task_routes`` (explicit options win)."""
-        if queue is not None:
-            return {"queue": queue}
-        routes = self.conf.task_routes
-        if not routes:
-            return {}
-        for router in routes if isinstance(routes, list | tuple) else [routes]:
-            found = _apply_router(router, name, args, kwargs)
-            if found:
-                return found
-        return {}
+        return routing.queue_spec(self.conf, name)
 
     # -- sending -------------------------------------------------------------------------
 
@@ -338,70 +327,78 @@ class AioQueue:
         name: str,
         args: Sequence[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
-        *,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        expires: float | datetime | None = None,
-        queue: str | None = None,
-        routing_key: str | None = None,
-        exchange: str | None = None,
-        priority: int | None = None,
-        task_id: str | None = None,
-        headers: dict[str, Any] | None = None,
-        serializer: str | None = None,
-        ignore_result: bool | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-        compression: str | None = None,
-        shadow: str | None = None,
-        retries: int = 0,
-        parent_id: str | None = None,
-        root_id: str | None = None,
-        explicit_queue: bool = True,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult[Any]:
         """Send a task by name, without importing it; returns once the broker confirmed it.
 
-        Arguments that cannot be serialized raise ``SerializationError`` and nothing is sent.
+        Takes the options of ``apply_async``. Arguments that cannot be serialized raise
+        ``SerializationError`` and nothing is sent.
         """
-        task_id = task_id or str(uuid.uuid4())
+        return await self.dispatch(name, args, kwargs, options)
+
+    async def dispatch(
+        self,
+        name: str,
+        args: Sequence[Any] | None,
+        kwargs: dict[str, Any] | None,
+        options: SendOptions,
+        task: Task[Any, Any] | None = None,
+    ) -> AsyncResult[Any]:
+        """Encode and publish one task message (``send_task`` and ``apply_async`` use this).
+
+        Precedence: explicit options, then ``task_routes``, then the task's own options,
+        then the app's settings.
+        """
+        conf = self.conf
+        task_id = options.get("task_id") or str(uuid.uuid4())
         args = args if args is not None else ()  # kept as given: argsrepr shows a tuple or list
         kwargs = kwargs if kwargs is not None else {}
-        route = self.route(name, args, kwargs, queue if explicit_queue else None)
-        if not route and queue is not None:
-            route = {"queue": queue}
-        queue_name: str = route.get("queue") or self.conf.task_default_queue
-        if priority is None:
-            priority = route.get("priority", self.conf.task_default_priority)
+        queue = options.get("queue")
+        found = {"queue": queue} if queue else routing.route(conf, name, args, kwargs)
+        queue_name: str = found.get("queue") or (task and task.queue) or conf.task_default_queue
+        priority = _first(
+            options.get("priority"), task and task.priority, found.get("priority"),
+            conf.task_default_priority,
+        )
+        ignore_result = _first(options.get("ignore_result"), task and task.ignore_result)
         now = datetime.now(UTC)
-        if countdown is not None:
+        eta = options.get("eta")
+        if (countdown := options.get("countdown")) is not None:
             eta = now + timedelta(seconds=countdown)
+        expires = options.get("expires")
         if isinstance(expires, int | float):
             expires = now + timedelta(seconds=expires)
-        if time_limit is None:
-            time_limit = self.conf.task_time_limit
-        if soft_time_limit is None:
-            soft_time_limit = self.conf.task_soft_time_limit
-        # Encode first: a value that cannot be serialized must fail before anything is sent.
+        time_limit = _first(
+            options.get("time_limit"), task and task.time_limit, conf.task_time_limit
+        )
+        soft_time_limit = _first(
+            options.get("soft_time_limit"), task and task.soft_time_limit,
+            conf.task_soft_time_limit,
+        )
+        # Connected first: reply_to names the rpc store's queue. Encoded before anything is
+        # declared or sent, so a value that cannot be serialized fails with nothing sent.
         broker = await self.get_broker()
         envelope = encode_task(
             task=name,
             task_id=task_id,
             args=args if isinstance(args, tuple | list) else list(args),
             kwargs=kwargs,
-            serializer=serializer or self.conf.task_serializer,
+            serializer=_first(
+                options.get("serializer"), task and task.serializer, conf.task_serializer
+            ),
             eta=eta,
             expires=expires,
             now=now,
-            retries=retries,
+            retries=options.get("retries", 0),
             timelimit=(time_limit, soft_time_limit),
-            root_id=root_id,
-            parent_id=parent_id,
-            shadow=shadow,
+            root_id=options.get("root_id"),
+            parent_id=options.get("parent_id"),
+            shadow=options.get("shadow"),
             ignore_result=ignore_result,
             reply_to=self.reply_to,
             priority=priority,
-            headers=headers,
-            compression=compression or self.conf.task_compression,
+            headers=options.get("headers"),
+            compression=options.get("compression") or conf.task_compression,
         )
         if not self._client_ready and self._store is not None:
             await self._store.prepare_client()
@@ -410,14 +407,12 @@ class AioQueue:
         if spec.name not in self._declared:
             await broker.declare(spec)
             self._declared.add(spec.name)
-        if exchange is None:
-            exchange = route.get("exchange")
-        if exchange is None and spec.exchange_type == "direct":
-            target_exchange, key = "", spec.name
-        else:
-            target_exchange = spec.exchange_name if exchange is None else exchange
-            key = routing_key or route.get("routing_key") or spec.binding_key
-        await broker.publish(envelope, routing_key=key, exchange=target_exchange)
+        exchange, key = routing.publish_target(
+            spec,
+            _first(options.get("exchange"), found.get("exchange")),
+            _first(options.get("routing_key"), found.get("routing_key")),
+        )
+        await broker.publish(envelope, routing_key=key, exchange=exchange)
         return AsyncResult(task_id, self, task_name=name, ignored=bool(ignore_result))
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
@@ -429,21 +424,6 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn)
 
 
-def _apply_router(
-    router: Any, name: str, args: Sequence[Any], kwargs: dict[str, Any]
-) -> dict[str, Any] | None:
-    if callable(router):
-        found = router(name, args, kwargs, {})
-    elif isinstance(router, dict):
-        found = router.get(name)
-        if found is None:
-            found = next(
-                (v for pattern, v in router.items() if fnmatch.fnmatchcase(name, pattern)), None
-            )
-    else:
-        raise ConfigurationError(f"task_routes entries must be dicts or callables, not {router!r}")
-    if found is None:
-        return None
-    if isinstance(found, str):
-        return {"queue": found}
-    return dict(found)
+def _first(*values: Any) -> Any:
+    """The first value that is not None (or None); ``False`` and ``0`` count as values."""
+    return next((v for v in values if v is not None), None)

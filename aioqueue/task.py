@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar, Unpack
 
 import anyio
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .app import AioQueue
     from .result import AsyncResult
 
-__all__ = ("AsyncTask", "Request", "SyncTask", "Task")
+__all__ = ("AsyncTask", "Request", "SendOptions", "SyncTask", "Task")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,6 +48,29 @@ class Request:
 
 
 _current_request: ContextVar[Request | None] = ContextVar("aioqueue_request", default=None)
+
+
+class SendOptions(TypedDict, total=False):
+    """The options of ``apply_async()`` and ``send_task()``, with Celery's names."""
+
+    countdown: float | None  # seconds from now: becomes the ``eta`` header
+    eta: datetime | None  # do not run before
+    expires: float | datetime | None  # seconds from now, or a time: do not run after
+    queue: str | None
+    routing_key: str | None
+    exchange: str | None
+    priority: int | None
+    task_id: str | None
+    headers: dict[str, Any] | None  # merged into the message headers
+    serializer: str | None
+    ignore_result: bool | None
+    time_limit: float | None
+    soft_time_limit: float | None
+    compression: str | None  # gzip, zlib, bzip2, lzma
+    shadow: str | None  # the name shown in logs
+    retries: int
+    parent_id: str | None
+    root_id: str | None
 
 
 class Task(Generic[P, R]):
@@ -174,54 +197,20 @@ class Task(Generic[P, R]):
         self,
         args: tuple[Any, ...] | list[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
-        *,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        expires: float | datetime | None = None,
-        queue: str | None = None,
-        routing_key: str | None = None,
-        exchange: str | None = None,
-        priority: int | None = None,
-        task_id: str | None = None,
-        headers: dict[str, Any] | None = None,
-        serializer: str | None = None,
-        ignore_result: bool | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-        compression: str | None = None,
-        shadow: str | None = None,
-        retries: int = 0,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult[R]:
-        """Send the task with options, as Celery's ``apply_async``; see ``AioQueue.send_task``."""
+        """Send the task with options, as Celery's ``apply_async`` (see ``SendOptions``).
+
+        Returns once the broker confirmed the message. Arguments that do not fit the
+        signature raise ``TypeError``, ones that cannot be serialized ``SerializationError``;
+        nothing is sent then.
+        """
         if self.app.conf.task_always_eager:
-            return await self.apply(args, kwargs, task_id=task_id)
+            return await self.apply(args, kwargs, task_id=options.get("task_id"))
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         self.check_arguments(args, kwargs)
-        result: AsyncResult[R] = await self.app.send_task(
-            self.name,
-            args,
-            kwargs,
-            countdown=countdown,
-            eta=eta,
-            expires=expires,
-            queue=queue if queue is not None else self.queue,
-            routing_key=routing_key,
-            exchange=exchange,
-            priority=priority if priority is not None else self.priority,
-            task_id=task_id,
-            headers=headers,
-            serializer=serializer or self.serializer,
-            ignore_result=ignore_result if ignore_result is not None else self.ignore_result,
-            time_limit=time_limit if time_limit is not None else self.time_limit,
-            soft_time_limit=(
-                soft_time_limit if soft_time_limit is not None else self.soft_time_limit
-            ),
-            compression=compression,
-            shadow=shadow,
-            retries=retries,
-            explicit_queue=queue is not None,
-        )
+        result: AsyncResult[R] = await self.app.dispatch(self.name, args, kwargs, options, self)
         return result
 
 
