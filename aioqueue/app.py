@@ -271,8 +271,9 @@ class AioQueue:
                 return
             if self.uses_embedded_default:
                 logger.warning(
-                    "No broker_url set: using the embedded SQLite broker and result store in "
-                    "%s; set broker_url (e.g. amqp://...) and result_backend for production",
+                    "No broker_url set: using the embedded SQLite broker%s in %s; set "
+                    "broker_url (e.g. amqp://...) for production",
+                    " and result store" if self.result_backend_url == EMBEDDED_URL else "",
                     EMBEDDED_URL.removeprefix("sqlite:///"),
                 )
             broker = self._broker_instance or broker_class(self.broker_url)(
@@ -343,8 +344,16 @@ class AioQueue:
         kwargs: dict[str, Any] | None,
         options: SendOptions,
         task: Task[Any, Any] | None = None,
+        *,
+        embed: dict[str, Any] | None = None,
+        group: str | None = None,
+        group_index: int | None = None,
+        reply_to: str | None = None,
     ) -> AsyncResult[Any]:
         """Encode and publish one task message (``send_task`` and ``apply_async`` use this).
+
+        ``embed``, ``group``, ``group_index`` and ``reply_to`` carry a workflow on (callbacks,
+        chain steps) when a worker sends the next step of one.
 
         Precedence: explicit options, then ``task_routes``, then the task's own options,
         then the app's settings.
@@ -395,8 +404,11 @@ class AioQueue:
             parent_id=options.get("parent_id"),
             shadow=options.get("shadow"),
             ignore_result=ignore_result,
-            reply_to=self.reply_to,
+            reply_to=reply_to or self.reply_to,
             priority=priority,
+            group=group,
+            group_index=group_index,
+            embed=embed,
             headers=options.get("headers"),
             compression=options.get("compression") or conf.task_compression,
         )

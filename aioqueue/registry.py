@@ -37,8 +37,7 @@ RESULT_STORES: dict[str, str] = {
 
 
 def scheme_of(url: str) -> str:
-    scheme = urlsplit(url).scheme
-    return scheme.split("+", 1)[-1] if "+" in scheme else scheme
+    return urlsplit(url).scheme
 
 
 def _resolve(url: str, table: dict[str, str], group: str, kind: str) -> Any:

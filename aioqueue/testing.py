@@ -35,7 +35,11 @@ from typing import Any
 
 import anyio
 import pytest
-import pytest_asyncio
+
+try:
+    from pytest_asyncio import fixture as async_fixture
+except ImportError:  # pragma: no cover - with anyio's pytest plugin, plain fixtures do
+    async_fixture = pytest.fixture  # type: ignore[assignment]
 
 from .app import AioQueue
 from .brokers import memory as memory_broker
@@ -68,12 +72,13 @@ def configured(app: AioQueue, settings: dict[str, Any]) -> Iterator[AioQueue]:
 async def in_memory(app: AioQueue) -> AsyncIterator[AioQueue]:
     """Point the app at a private ``memory://`` broker and result store, then restore it."""
     url = f"memory://aioqueue-test-{uuid.uuid4().hex}"
-    saved = (app.conf.broker_url, app.conf.result_backend)
+    broker = app._broker_instance or app.conf.broker_url
+    backend = app._store_instance or app.conf.result_backend
     await app.use(broker=url, backend=url)
     try:
         yield app
     finally:
-        await app.use(broker=saved[0], backend=saved[1])
+        await app.use(broker=broker, backend=backend)
         memory_broker.reset(url)
         memory_store.reset(url)
 
@@ -98,7 +103,7 @@ def aioqueue_app(aioqueue_config: dict[str, Any]) -> Iterator[AioQueue]:
         yield app
 
 
-@pytest_asyncio.fixture
+@async_fixture
 async def aioqueue_worker(
     aioqueue_app: AioQueue,
     aioqueue_config: dict[str, Any],
@@ -125,7 +130,9 @@ async def aioqueue_worker(
 
 
 @pytest.fixture
-def aioqueue_eager(aioqueue_app: AioQueue) -> Iterator[AioQueue]:
+def aioqueue_eager(
+    aioqueue_app: AioQueue, aioqueue_config: dict[str, Any]
+) -> Iterator[AioQueue]:
     """Run tasks inline on ``delay()`` (``task_always_eager``) for the test."""
-    with configured(aioqueue_app, {"task_always_eager": True}):
+    with configured(aioqueue_app, {**aioqueue_config, "task_always_eager": True}):
         yield aioqueue_app

@@ -15,13 +15,13 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .. import states
+from .. import canvas, states
 from ..exceptions import AioQueueError, NotRegistered, Reject, SerializationError, TaskRevokedError
 from ..meta import exception_to_dict, make_meta
 from ..protocol import TaskMessage, decode_task
@@ -250,10 +250,20 @@ class Worker:
                 message.task, message.id, exc, runtime,
                 extra={"task_id": message.id, "task_name": message.task},
             )
-            await self._store_exception(message, task, states.FAILURE, exc)
+            children = await self._follow_up(
+                message, lambda: canvas.send_errbacks(self.app, message)
+            )
+            await self._store_exception(message, task, states.FAILURE, exc, children)
+            for step_id in canvas.chain_ids(message):  # later chain steps will never run
+                await self._store_record(message, task, make_meta(
+                    step_id, states.FAILURE, exception_to_dict(exc), parent_id=message.id
+                ), task_id=step_id)
         else:
             runtime = time.perf_counter() - started_at
-            await self._store_success(message, task, value)
+            children = await self._follow_up(
+                message, lambda: canvas.send_callbacks(self.app, message, value)
+            )
+            await self._store_success(message, task, value, children)
             logger.info(
                 "Task %s[%s] succeeded in %.6fs: %r", message.task, message.id, runtime, value,
                 extra={"task_id": message.id, "task_name": message.task},
@@ -268,15 +278,37 @@ class Worker:
             return message.ignore_result
         return task.ignore_result if task is not None else self.app.conf.task_ignore_result
 
+    async def _follow_up(
+        self, message: TaskMessage, send: Callable[[], Awaitable[list[Any]]]
+    ) -> list[Any]:
+        """Send a task's callbacks or errbacks; a failure there is logged, not the task's."""
+        embed = message.embed
+        if not (embed.get("callbacks") or embed.get("errbacks") or embed.get("chain")):
+            return []
+        try:
+            return await send()
+        except (AioQueueError, OSError) as exc:
+            logger.error("Task %s[%s]: could not send its follow-up tasks: %s",
+                         message.task, message.id, exc, extra={"task_id": message.id})
+            return []
+
     async def _store_record(
-        self, message: TaskMessage, task: Task[Any, Any] | None, meta: dict[str, Any]
+        self,
+        message: TaskMessage,
+        task: Task[Any, Any] | None,
+        meta: dict[str, Any],
+        task_id: str | None = None,
     ) -> None:
         if self._store is None or self._ignored(message, task):
             return
-        await self._store.store(message.id, meta, reply_to=message.reply_to)
+        await self._store.store(task_id or message.id, meta, reply_to=message.reply_to)
 
-    async def _store_success(self, message: TaskMessage, task: Task[Any, Any], value: Any) -> None:
-        meta = make_meta(message.id, states.SUCCESS, value, parent_id=message.parent_id)
+    async def _store_success(
+        self, message: TaskMessage, task: Task[Any, Any], value: Any, children: list[Any]
+    ) -> None:
+        meta = make_meta(
+            message.id, states.SUCCESS, value, children=children, parent_id=message.parent_id
+        )
         try:
             await self._store_record(message, task, meta)
         except SerializationError as exc:
@@ -290,10 +322,16 @@ class Worker:
             )
 
     async def _store_exception(
-        self, message: TaskMessage, task: Task[Any, Any] | None, status: str, exc: BaseException
+        self,
+        message: TaskMessage,
+        task: Task[Any, Any] | None,
+        status: str,
+        exc: BaseException,
+        children: list[Any] | None = None,
     ) -> None:
         tb = "".join(traceback.format_exception(exc)) if exc.__traceback__ else None
         meta = make_meta(
-            message.id, status, exception_to_dict(exc), traceback=tb, parent_id=message.parent_id
+            message.id, status, exception_to_dict(exc), traceback=tb, children=children,
+            parent_id=message.parent_id,
         )
         await self._store_record(message, task, meta)

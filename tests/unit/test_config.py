@@ -131,3 +131,12 @@ def test_password_masking() -> None:
     assert mask_password("amqp://guest:secret@localhost:5672//") == "amqp://guest:**@localhost:5672//"
     assert mask_password("redis://localhost:6379/0") == "redis://localhost:6379/0"
     assert mask_password("redis://:pw@host/1") == "redis://:**@host/1"
+
+
+def test_celery_sqlalchemy_urls_are_refused_not_reinterpreted() -> None:
+    from aioqueue.registry import broker_class, result_store_class
+
+    with pytest.raises(ConfigurationError, match="db\\+sqlite"):
+        result_store_class("db+sqlite:///results.db")
+    with pytest.raises(ConfigurationError, match="sqla\\+sqlite"):
+        broker_class("sqla+sqlite:///queue.db")
