@@ -291,10 +291,31 @@ def _optional_int(value: Any, name: str) -> int | None:
 def _queues(value: Any, name: str) -> list[Queue] | None:
     if value is None:
         return None
-    queues = [Queue(v) if isinstance(v, str) else v for v in value]
-    if not all(isinstance(q, Queue) for q in queues):
-        raise ConfigurationError(f"{name} must be a list of aioqueue.Queue or queue names")
+    queues = [_as_queue(v, name) for v in value]
     return queues
+
+
+def _as_queue(value: Any, name: str) -> Queue:
+    """A queue name, an ``aioqueue.Queue``, or a kombu ``Queue`` from a Celery config."""
+    if isinstance(value, Queue):
+        return value
+    if isinstance(value, str):
+        return Queue(value)
+    exchange = getattr(value, "exchange", None)
+    if isinstance(getattr(value, "name", None), str) and exchange is not None:
+        # Read kombu's Queue by its attributes (kombu itself is not imported here).
+        return Queue(
+            value.name,
+            exchange=getattr(exchange, "name", None),
+            exchange_type=getattr(exchange, "type", None) or "direct",
+            routing_key=getattr(value, "routing_key", None) or None,
+            durable=bool(getattr(value, "durable", True)),
+            auto_delete=bool(getattr(value, "auto_delete", False)),
+            queue_arguments=dict(getattr(value, "queue_arguments", None) or {}),
+        )
+    raise ConfigurationError(
+        f"{name} must hold aioqueue.Queue objects, kombu Queues or queue names; got {value!r}"
+    )
 
 
 def _optional_str(value: Any, name: str) -> str | None:
