@@ -24,11 +24,12 @@ from typing import (
 from . import routing
 from .brokers.base import Broker
 from .config import Queue, Settings
+from .exceptions import ConfigurationError
 from .protocol import encode_task
 from .registry import broker_class, result_store_class
 from .result import AsyncResult
 from .results.base import ResultStore
-from .task import AsyncTask, SendOptions, SyncTask, Task
+from .task import AsyncTask, SendOptions, SyncTask, Task, TaskOptions
 
 __all__ = ("AioQueue",)
 
@@ -136,17 +137,7 @@ class AioQueue:
     def task(self, fn: Callable[P, R], /) -> SyncTask[P, R]: ...
     @overload
     def task(
-        self,
-        *,
-        bind: Literal[True],
-        name: str | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        ignore_result: bool | None = None,
-        acks_late: bool | None = None,
-        serializer: str | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
+        self, *, bind: Literal[True], name: str | None = None, **options: Unpack[TaskOptions]
     ) -> BoundTaskDecorator: ...
     @overload
     def task(
@@ -154,13 +145,7 @@ class AioQueue:
         *,
         bind: Literal[False] = False,
         name: str | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        ignore_result: bool | None = None,
-        acks_late: bool | None = None,
-        serializer: str | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
+        **options: Unpack[TaskOptions],
     ) -> TaskDecorator: ...
 
     def task(
@@ -169,30 +154,23 @@ class AioQueue:
         *,
         bind: bool = False,
         name: str | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        ignore_result: bool | None = None,
-        acks_late: bool | None = None,
-        serializer: str | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
+        **options: Unpack[TaskOptions],
     ) -> Any:
-        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True)``."""
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True)``.
+
+        The options (``TaskOptions``) are Celery's task attributes: ``queue``, ``priority``,
+        ``ignore_result``, ``acks_late``, ``serializer``, ``time_limit``, ``soft_time_limit``,
+        ``max_retries``, ``default_retry_delay``, ``autoretry_for``, ``retry_kwargs``,
+        ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``.
+        """
+        unknown = set(options) - set(TaskOptions.__annotations__)
+        if unknown:
+            raise ConfigurationError(f"unknown task option(s): {', '.join(sorted(unknown))}")
 
         def register(function: Callable[..., Any]) -> Task[Any, Any]:
             cls = AsyncTask if _is_async(function) else SyncTask
             task: Task[Any, Any] = cls(
-                self,
-                function,
-                name=name or self.gen_task_name(function),
-                bind=bind,
-                queue=queue,
-                priority=priority,
-                ignore_result=ignore_result,
-                acks_late=acks_late,
-                serializer=serializer,
-                time_limit=time_limit,
-                soft_time_limit=soft_time_limit,
+                self, function, name=name or self.gen_task_name(function), bind=bind, **options
             )
             self.tasks[task.name] = task
             return task

@@ -13,7 +13,10 @@
     │   └── ResultUnavailableError    no result will ever be stored (ignore_result, no backend)
     ├── TaskError                     a task failed remotely and its type could not be imported
     │   ├── NotRegistered             no task of that name on the worker
-    │   └── TaskRevokedError          revoked or expired before it ran
+    │   ├── TaskRevokedError          revoked, expired or terminated before it finished
+    │   ├── TimeLimitExceeded         the task ran past its hard time limit
+    │   └── MaxRetriesExceededError   retry() was called once too often
+    ├── SoftTimeLimitExceeded         raised inside a task at its soft time limit, to clean up
     ├── TimeoutError                  also a builtin ``TimeoutError``
     ├── Retry                         control flow: the task asks to be retried
     └── Reject                        control flow: the task asks for its message to be rejected
@@ -22,6 +25,7 @@
 from __future__ import annotations
 
 import builtins
+from datetime import datetime
 from typing import Any
 
 __all__ = (
@@ -30,6 +34,7 @@ __all__ = (
     "BrokerError",
     "ConfigurationError",
     "ContentDisallowed",
+    "MaxRetriesExceededError",
     "MessageError",
     "NotRegistered",
     "Reject",
@@ -37,8 +42,10 @@ __all__ = (
     "ResultUnavailableError",
     "Retry",
     "SerializationError",
+    "SoftTimeLimitExceeded",
     "TaskError",
     "TaskRevokedError",
+    "TimeLimitExceeded",
     "TimeoutError",
 )
 
@@ -103,7 +110,19 @@ class NotRegistered(TaskError):
 
 
 class TaskRevokedError(TaskError):
-    """The task was revoked or expired before it could run."""
+    """The task was revoked or expired before it could run, or terminated while running."""
+
+
+class TimeLimitExceeded(TaskError):
+    """The task ran past its hard time limit and was stopped."""
+
+
+class MaxRetriesExceededError(TaskError):
+    """The task asked to be retried more often than ``max_retries`` allows."""
+
+
+class SoftTimeLimitExceeded(AioQueueError):
+    """Raised inside a running task at its soft time limit, so it can clean up."""
 
 
 class TimeoutError(AioQueueError, builtins.TimeoutError):
@@ -111,15 +130,22 @@ class TimeoutError(AioQueueError, builtins.TimeoutError):
 
 
 class Retry(AioQueueError):
-    """Raised inside a task to ask for it to be run again later."""
+    """Raised by ``self.retry()`` inside a task: run it again ``when`` (seconds or a time).
+
+    ``options`` are ``apply_async`` options for the new message (``queue``, ``priority``...).
+    """
 
     def __init__(
-        self, message: str | None = None, exc: BaseException | None = None,
-        when: float | None = None,
+        self,
+        message: str | None = None,
+        exc: BaseException | None = None,
+        when: float | datetime | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(message or (repr(exc) if exc else "retry"))
+        super().__init__(message or (f"Retry in {when}: {exc!r}" if exc else f"Retry in {when}"))
         self.exc = exc
         self.when = when
+        self.options = options or {}
 
 
 class Reject(AioQueueError):

@@ -52,6 +52,10 @@ _CELERY_EQUIVALENTS: dict[tuple[str, str], type[BaseException]] = {
     ("celery.exceptions", "NotRegistered"): exceptions.NotRegistered,
     ("celery.exceptions", "TaskRevokedError"): exceptions.TaskRevokedError,
     ("celery.exceptions", "TimeoutError"): exceptions.TimeoutError,
+    ("celery.exceptions", "TimeLimitExceeded"): exceptions.TimeLimitExceeded,
+    ("celery.exceptions", "SoftTimeLimitExceeded"): exceptions.SoftTimeLimitExceeded,
+    ("celery.exceptions", "MaxRetriesExceededError"): exceptions.MaxRetriesExceededError,
+    ("celery.exceptions", "Retry"): exceptions.Retry,
 }
 _AS_CELERY = {cls: name for name, cls in _CELERY_EQUIVALENTS.items()}
 

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import functools
 import inspect
+import random
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar, Unpack
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    NoReturn,
+    ParamSpec,
+    TypedDict,
+    TypeVar,
+    Unpack,
+)
 
 import anyio
 
+from . import limits
+from .exceptions import MaxRetriesExceededError, Retry
 from .result import EagerResult
 
 if TYPE_CHECKING:
     from .app import AioQueue
     from .result import AsyncResult
 
-__all__ = ("AsyncTask", "Request", "SendOptions", "SyncTask", "Task")
+__all__ = ("AsyncTask", "Request", "SendOptions", "SyncTask", "Task", "TaskOptions")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -73,6 +85,25 @@ class SendOptions(TypedDict, total=False):
     root_id: str | None
 
 
+class TaskOptions(TypedDict, total=False):
+    """Options of ``@app.task(...)``: Celery's task attributes, with Celery's defaults."""
+
+    queue: str | None
+    priority: int | None
+    ignore_result: bool | None  # None: task_ignore_result
+    acks_late: bool | None  # None: task_acks_late (True by default in aioqueue)
+    serializer: str | None
+    time_limit: float | None  # hard: the task is stopped and fails with TimeLimitExceeded
+    soft_time_limit: float | None  # SoftTimeLimitExceeded is raised inside the task
+    max_retries: int | None  # 3; None retries for ever
+    default_retry_delay: float  # 180 s
+    autoretry_for: tuple[type[Exception], ...]
+    retry_kwargs: dict[str, Any]  # retry() options for autoretry_for, e.g. max_retries
+    retry_backoff: bool | float  # exponential backoff; a number is the factor in seconds
+    retry_backoff_max: float  # 600 s
+    retry_jitter: bool  # True: a random delay between 0 and the backoff
+
+
 class Task(Generic[P, R]):
     """A task registered on an app. Created by ``@app.task``; never subclassed per task."""
 
@@ -90,8 +121,22 @@ class Task(Generic[P, R]):
         serializer: str | None = None,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
+        max_retries: int | None = 3,
+        default_retry_delay: float = 180.0,
+        autoretry_for: tuple[type[Exception], ...] = (),
+        retry_kwargs: dict[str, Any] | None = None,
+        retry_backoff: bool | float = False,
+        retry_backoff_max: float = 600.0,
+        retry_jitter: bool = True,
     ) -> None:
         self.app = app
+        self.max_retries = max_retries
+        self.default_retry_delay = default_retry_delay
+        self.autoretry_for = tuple(autoretry_for)
+        self.retry_kwargs = dict(retry_kwargs or {})
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+        self.retry_jitter = retry_jitter
         self.fn = fn
         self.name = name
         self.bind = bind
@@ -152,15 +197,71 @@ class Task(Generic[P, R]):
         args: Sequence[Any],
         kwargs: dict[str, Any],
         limiter: anyio.CapacityLimiter | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
     ) -> Any:
-        """Run one call with ``request`` current: coroutines on the loop, functions in a thread."""
+        """Run one call with ``request`` current: coroutines on the loop, functions in a thread.
+
+        ``time_limit`` and ``soft_time_limit`` are enforced as ``aioqueue.limits`` explains.
+        """
         token = _current_request.set(request)
         try:
             if self.is_coroutine:
-                return await self.run(*args, **kwargs)
+                return await limits.run_coroutine(
+                    self.run(*args, **kwargs), time_limit, soft_time_limit
+                )
             # anyio copies the context into the thread, so self.request works there too.
             call = functools.partial(self.run, *args, **kwargs)
-            return await anyio.to_thread.run_sync(call, limiter=limiter)
+            return await limits.run_in_thread(call, time_limit, soft_time_limit, limiter)
+        finally:
+            _current_request.reset(token)
+
+    def retry(
+        self,
+        exc: BaseException | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> NoReturn:
+        """Ask for this call to run again later, as Celery's ``self.retry()`` (bound tasks).
+
+        Raises ``Retry`` (let it propagate: ``raise self.retry(...)`` reads well too); the
+        worker sends the call again with ``retries`` + 1 after ``countdown`` seconds (default
+        ``default_retry_delay``) or at ``eta``, and stores the RETRY state. Past
+        ``max_retries`` it raises ``exc`` if given, else ``MaxRetriesExceededError``.
+        """
+        request = self.request
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and request.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}] args:{request.args} "
+                f"kwargs:{request.kwargs}: {limit} retries already"
+            )
+        when: float | datetime = eta if eta is not None else (
+            countdown if countdown is not None else self.default_retry_delay
+        )
+        raise Retry(exc=exc, when=when, options=options)
+
+    def retry_for(self, exc: Exception, request: Request) -> BaseException:
+        """What an exception the call raised becomes: a ``Retry`` under ``autoretry_for``
+        (with ``retry_backoff``/``retry_jitter`` delays), else the exception itself."""
+        if not self.autoretry_for or not isinstance(exc, self.autoretry_for):
+            return exc
+        options = dict(self.retry_kwargs)
+        if "countdown" not in options and self.retry_backoff:
+            factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+            countdown = min(self.retry_backoff_max, factor * 2**request.retries)
+            if self.retry_jitter:
+                countdown = random.uniform(0, countdown)
+            options["countdown"] = countdown
+        token = _current_request.set(request)  # retry() reads the call's retry count
+        try:
+            self.retry(exc=exc, **options)
+        except (Retry, Exception) as outcome:
+            return outcome
         finally:
             _current_request.reset(token)
 
@@ -181,13 +282,18 @@ class Task(Generic[P, R]):
         self.check_arguments(args, kwargs)
         task_id = task_id or str(uuid.uuid4())
         request = Request(id=task_id, task=self.name, args=list(args), kwargs=kwargs, is_eager=True)
-        try:
-            value = await self.execute(request, args, kwargs)
-        except Exception as exc:
-            if self.app.conf.task_eager_propagates:
-                raise
-            return EagerResult(task_id, self.app, task_name=self.name, exception=exc)
-        return EagerResult(task_id, self.app, task_name=self.name, value=value)
+        while True:
+            try:
+                value = await self.execute(request, args, kwargs)
+            except Exception as exc:
+                outcome = exc if isinstance(exc, Retry) else self.retry_for(exc, request)
+                if isinstance(outcome, Retry):  # eager retries run again at once
+                    request.retries += 1
+                    continue
+                if self.app.conf.task_eager_propagates:
+                    raise outcome from (None if outcome is exc else exc)
+                return EagerResult(task_id, self.app, task_name=self.name, exception=outcome)
+            return EagerResult(task_id, self.app, task_name=self.name, value=value)
 
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Send the task with these arguments; returns once the broker confirmed it."""

@@ -22,11 +22,18 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .. import canvas, states
-from ..exceptions import AioQueueError, NotRegistered, Reject, SerializationError, TaskRevokedError
+from ..exceptions import (
+    AioQueueError,
+    NotRegistered,
+    Reject,
+    Retry,
+    SerializationError,
+    TaskRevokedError,
+)
 from ..meta import exception_to_dict, make_meta
 from ..protocol import TaskMessage, decode_task
 from ..serialization import accepted_types
-from ..task import Request
+from ..task import Request, SendOptions
 
 if TYPE_CHECKING:
     from ..app import AioQueue
@@ -76,6 +83,8 @@ class Worker:
         self._consume_scope: anyio.CancelScope | None = None
         self._tasks_scope: anyio.CancelScope | None = None
         self._thread_limiter = anyio.CapacityLimiter(self.concurrency)
+        self.revoked: set[str] = set()
+        self._running: dict[str, anyio.CancelScope] = {}  # task id -> its scope, to terminate
         self._store: ResultStore | None = None
 
     @property
@@ -169,6 +178,9 @@ class Worker:
             await self._store_exception(message, None, states.FAILURE, NotRegistered(message.task))
             await delivery.reject(requeue=False)
             return
+        if message.id in self.revoked:
+            await self._discard_revoked(delivery, message, task)
+            return
         now = datetime.now(UTC)
         if message.expires is not None and message.expires <= now:
             logger.info("Task %s[%s] expired; discarded", message.task, message.id)
@@ -178,12 +190,22 @@ class Worker:
             return
         if message.eta is not None and message.eta > now:
             await self._hold_until_eta(message, limit)
+            if message.id in self.revoked:
+                await self._discard_revoked(delivery, message, task)
+                return
             if message.expires is not None and message.expires <= datetime.now(UTC):
                 expired = TaskRevokedError("expired")
                 await self._store_exception(message, task, states.REVOKED, expired)
                 await delivery.ack()
                 return
         await self._execute(delivery, message, task)
+
+    async def _discard_revoked(
+        self, delivery: Delivery, message: TaskMessage, task: Task[Any, Any]
+    ) -> None:
+        logger.info("Task %s[%s] revoked; discarded", message.task, message.id)
+        await self._store_exception(message, task, states.REVOKED, TaskRevokedError("revoked"))
+        await delivery.ack()
 
     async def _hold_until_eta(self, message: TaskMessage, limit: anyio.Semaphore) -> None:
         """Wait for the ETA without holding a concurrency permit (the message stays unacked)."""
@@ -227,11 +249,16 @@ class Worker:
             hostname=self.hostname,
             headers=message.headers,
         )
+        hard, soft = self._time_limits(message, task)
         started_at = time.perf_counter()
         try:
-            value = await task.execute(
-                request, message.args, message.kwargs, self._thread_limiter
-            )
+            with anyio.CancelScope() as running:
+                self._running[message.id] = running
+                value = await task.execute(
+                    request, message.args, message.kwargs, self._thread_limiter, hard, soft
+                )
+            if running.cancelled_caught:  # revoked with terminate=True while running
+                raise TaskRevokedError("terminated")
         except anyio.get_cancelled_exc_class():
             if acks_late:
                 with anyio.CancelScope(shield=True):
@@ -244,20 +271,11 @@ class Worker:
                 await delivery.reject(requeue=rejection.requeue)
             return
         except Exception as exc:
-            runtime = time.perf_counter() - started_at
-            logger.exception(
-                "Task %s[%s] raised unexpected: %r (after %.6fs)",
-                message.task, message.id, exc, runtime,
-                extra={"task_id": message.id, "task_name": message.task},
-            )
-            children = await self._follow_up(
-                message, lambda: canvas.send_errbacks(self.app, message)
-            )
-            await self._store_exception(message, task, states.FAILURE, exc, children)
-            for step_id in canvas.chain_ids(message):  # later chain steps will never run
-                await self._store_record(message, task, make_meta(
-                    step_id, states.FAILURE, exception_to_dict(exc), parent_id=message.id
-                ), task_id=step_id)
+            outcome = exc if isinstance(exc, Retry) else task.retry_for(exc, request)
+            if isinstance(outcome, Retry):
+                await self._retry(delivery, message, task, outcome, (hard, soft))
+            else:
+                await self._fail(message, task, outcome, time.perf_counter() - started_at)
         else:
             runtime = time.perf_counter() - started_at
             children = await self._follow_up(
@@ -268,8 +286,95 @@ class Worker:
                 "Task %s[%s] succeeded in %.6fs: %r", message.task, message.id, runtime, value,
                 extra={"task_id": message.id, "task_name": message.task},
             )
+        finally:
+            self._running.pop(message.id, None)
         if acks_late:
             await delivery.ack()
+
+    def _time_limits(
+        self, message: TaskMessage, task: Task[Any, Any]
+    ) -> tuple[float | None, float | None]:
+        """(hard, soft): the message's, else the task's, else the app's settings."""
+        conf = self.app.conf
+        hard, soft = message.timelimit
+        if hard is None:
+            hard = task.time_limit if task.time_limit is not None else conf.task_time_limit
+        if soft is None:
+            soft = (
+                task.soft_time_limit if task.soft_time_limit is not None
+                else conf.task_soft_time_limit
+            )
+        return hard, soft
+
+    async def _fail(
+        self, message: TaskMessage, task: Task[Any, Any], exc: BaseException, runtime: float
+    ) -> None:
+        revoked = isinstance(exc, TaskRevokedError)
+        if revoked:
+            logger.warning("Task %s[%s] %s", message.task, message.id, exc)
+        else:
+            logger.error(
+                "Task %s[%s] raised unexpected: %r (after %.6fs)",
+                message.task, message.id, exc, runtime, exc_info=exc,
+                extra={"task_id": message.id, "task_name": message.task},
+            )
+        children = await self._follow_up(
+            message, lambda: canvas.send_errbacks(self.app, message)
+        )
+        status = states.REVOKED if revoked else states.FAILURE
+        await self._store_exception(message, task, status, exc, children)
+        for step_id in canvas.chain_ids(message):  # later chain steps will never run
+            await self._store_record(message, task, make_meta(
+                step_id, states.FAILURE, exception_to_dict(exc), parent_id=message.id
+            ), task_id=step_id)
+
+    async def _retry(
+        self,
+        delivery: Delivery,
+        message: TaskMessage,
+        task: Task[Any, Any],
+        retry: Retry,
+        limits: tuple[float | None, float | None],
+    ) -> None:
+        """Send the call again (same id, retries + 1, later), as Celery does; store RETRY."""
+        options: SendOptions = {
+            "task_id": message.id,
+            "retries": message.retries + 1,
+            "parent_id": message.id,
+            "root_id": message.root_id or message.id,
+            "queue": delivery.routing_key,  # back to where it came from
+            "priority": message.priority,
+            "expires": message.expires,
+            "time_limit": limits[0],
+            "soft_time_limit": limits[1],
+        }
+        if isinstance(retry.when, datetime):
+            options["eta"] = retry.when
+        else:
+            options["countdown"] = retry.when or 0
+        options.update(retry.options)  # type: ignore[typeddict-item]
+        await self.app.dispatch(
+            message.task, message.args, message.kwargs, options,
+            embed=message.embed, group=message.group, group_index=message.group_index,
+            reply_to=message.reply_to,
+        )
+        logger.info("Task %s[%s] retry: %s", message.task, message.id, retry)
+        reason = retry.exc if retry.exc is not None else retry
+        tb = "".join(traceback.format_exception(reason)) if reason.__traceback__ else None
+        await self._store_record(message, task, make_meta(
+            message.id, states.RETRY, exception_to_dict(reason), traceback=tb,
+            children=[canvas.child(message.id)], parent_id=message.parent_id,
+        ))
+
+    def revoke(self, task_ids: Sequence[str], terminate: bool = False) -> None:
+        """Skip these tasks when their messages arrive; cancel them where they run if asked."""
+        self.revoked.update(task_ids)
+        if terminate:
+            for task_id in task_ids:
+                scope = self._running.get(task_id)
+                if scope is not None:
+                    logger.warning("Terminating task %s (revoked)", task_id)
+                    scope.cancel()
 
     # -- results -------------------------------------------------------------------------
 

@@ -25,9 +25,10 @@ async def receive(app: AioQueue, queue: str = "celery") -> Delivery:
 def test_public_api_is_exactly_this() -> None:
     assert aioqueue.__all__ == (
         "AioQueue", "AioQueueError", "AsyncResult", "AsyncTask", "BrokerConnectionError",
-        "BrokerError", "Celery", "ConfigurationError", "NotRegistered", "Queue", "Reject",
-        "Request", "ResultUnavailableError", "Retry", "Settings", "SyncTask", "Task",
-        "TaskError", "TaskRevokedError", "TimeoutError", "__version__", "states",
+        "BrokerError", "Celery", "ConfigurationError", "MaxRetriesExceededError",
+        "NotRegistered", "Queue", "Reject", "Request", "ResultUnavailableError", "Retry",
+        "Settings", "SoftTimeLimitExceeded", "SyncTask", "Task", "TaskError", "TaskRevokedError",
+        "TimeLimitExceeded", "TimeoutError", "__version__", "states",
     )
     assert Celery is AioQueue
     assert issubclass(TimeoutError, builtins_timeout())
