@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from types import TracebackType
 from typing import (
     Any,
@@ -22,8 +23,10 @@ from typing import (
 )
 
 from . import routing
+from .brokers import delay as delays
 from .brokers.base import Broker
 from .config import Queue, Settings
+from .control import Control
 from .exceptions import ConfigurationError
 from .protocol import encode_task
 from .registry import broker_class, result_store_class
@@ -395,19 +398,29 @@ class AioQueue:
             self._client_ready = True
         spec = self.queue_spec(queue_name)
         if spec.name not in self._declared:
-            await broker.declare(spec)
+            for declaration in routing.declarations(conf, spec.name):  # dead-letter queue first
+                await broker.declare(declaration)
             self._declared.add(spec.name)
         exchange, key = routing.publish_target(
             spec,
             _first(options.get("exchange"), found.get("exchange")),
             _first(options.get("routing_key"), found.get("routing_key")),
         )
-        await broker.publish(envelope, routing_key=key, exchange=exchange)
+        # A far ETA waits in the broker, not in a worker's memory (brokers/delay.py); only
+        # for the default exchange, where the key is the queue.
+        wait = delays.broker_delay(conf, eta, datetime.now(UTC)) if exchange == "" else None
+        if wait is None or not await broker.publish_delayed(envelope, queue=key, delay=wait):
+            await broker.publish(envelope, routing_key=key, exchange=exchange)
         return AsyncResult(task_id, self, task_name=name, ignored=bool(ignore_result))
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A result handle for a task id (for example one sent by another process)."""
         return AsyncResult(task_id, self)
+
+    @cached_property
+    def control(self) -> Control:
+        """Remote control of the workers, as Celery's ``app.control``: ``revoke()``."""
+        return Control(self)
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

@@ -19,7 +19,11 @@ from typing import Any
 
 from .exceptions import ConfigurationError
 
-__all__ = ("Queue", "Settings")
+__all__ = ("QUEUE_TYPES", "Queue", "Settings")
+
+#: Values of ``task_default_queue_type`` / ``task_create_missing_queue_type`` (RabbitMQ's
+#: ``x-queue-type``; other brokers take the arguments and emulate what they mean).
+QUEUE_TYPES = ("classic", "quorum")
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +99,8 @@ UNSUPPORTED_CELERY_SETTINGS = frozenset(
         "security_cert_store", "security_certificate", "security_digest", "security_key",
         "security_key_password", "task_acks_on_failure", "task_acks_on_failure_or_timeout",
         "task_acks_on_timeout", "task_allow_error_cb_on_chord_header", "task_annotations",
-        "task_create_missing_queue_exchange_type", "task_create_missing_queue_type",
-        "task_create_missing_queues", "task_default_delivery_mode",
-        "task_default_exchange_type", "task_default_queue_type", "task_default_rate_limit",
+        "task_create_missing_queue_exchange_type", "task_create_missing_queues",
+        "task_default_delivery_mode", "task_default_exchange_type", "task_default_rate_limit",
         "task_inherit_parent_priority", "task_protocol", "task_publish_retry",
         "task_publish_retry_policy", "task_reject_on_worker_lost", "task_remote_tracebacks",
         "task_repr_maxlevels", "task_retry_on_worker_lost", "task_send_sent_event",
@@ -174,6 +177,11 @@ class Settings:
     task_queue_max_priority: int | None = None
     task_queues: list[Queue] | None = None
     task_routes: Any = None
+    task_default_queue_type: str = "classic"  # of task_default_queue ("classic" or "quorum")
+    task_create_missing_queue_type: str = "classic"  # of queues created on the fly
+    task_queue_delivery_limit: int | None = None  # quorum x-delivery-limit; None: 20 with a DLQ
+    task_dead_letter_queue: str | None = None  # where rejected/expired/over-limit tasks go
+    broker_delay_threshold: float | None = 60.0  # ETAs further away wait in the broker
     task_acks_late: bool = True
     task_ignore_result: bool = False
     task_track_started: bool = False
@@ -324,6 +332,25 @@ def _optional_str(value: Any, name: str) -> str | None:
     return value
 
 
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _optional_queue_name(value: Any, name: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigurationError(f"{name} must be a queue name or None, got {value!r}")
+    return value
+
+
+def _non_negative_seconds(value: Any, name: str) -> float | None:
+    seconds = _seconds(value, name)
+    if seconds is not None and seconds < 0:
+        raise ConfigurationError(f"{name} must not be negative, got {value!r}")
+    return seconds
+
+
 def _str(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise ConfigurationError(f"{name} must be a string, got {value!r}")
@@ -389,6 +416,11 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "task_queue_max_priority": _optional_int,
     "task_queues": _queues,
     "task_routes": _routes,
+    "task_default_queue_type": lambda v, n: _choice(v, n, QUEUE_TYPES),
+    "task_create_missing_queue_type": lambda v, n: _choice(v, n, QUEUE_TYPES),
+    "task_queue_delivery_limit": _optional_int,
+    "task_dead_letter_queue": _optional_queue_name,
+    "broker_delay_threshold": _non_negative_seconds,
     "task_acks_late": _check_bool,
     "task_ignore_result": _check_bool,
     "task_track_started": _check_bool,

@@ -141,6 +141,15 @@ class AsyncResult(Generic[R]):
         self._meta = None
         await (await self._store()).forget(self.id)
 
+    async def revoke(self, *, terminate: bool = False, signal: str = "SIGTERM") -> None:
+        """Tell every worker to skip this task (Celery's broadcast, ``app.control.revoke``).
+
+        Returns once the broker has the command. A worker that receives the task later
+        stores REVOKED instead of running it; ``terminate=True`` also cancels it on the
+        worker running it. Revocations live in the workers' memory, as in Celery.
+        """
+        await self._app.control.revoke(self.id, terminate=terminate, signal=signal)
+
 
 class EagerResult(AsyncResult[R]):
     """The result of a task run in this process (``task_always_eager`` or ``Task.apply()``).
@@ -186,3 +195,6 @@ class EagerResult(AsyncResult[R]):
 
     async def forget(self) -> None:
         pass
+
+    async def revoke(self, *, terminate: bool = False, signal: str = "SIGTERM") -> None:
+        """Nothing to revoke: the task has run already (and no broker is needed)."""

@@ -23,6 +23,7 @@ aio-pika, aiormq and pamqp exceptions never leave this module: connection proble
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from yarl import URL
 from ..exceptions import BrokerConnectionError, BrokerError, SerializationError
 from ..protocol import Envelope
 from ..registry import mask_password
+from . import delay as delays
 from .amqp_headers import use_pyamqp_compatible_field_tables
 from .base import Broker, Consumer, Delivery
 
@@ -138,7 +140,10 @@ class _Channel:
         return channel
 
 
-async def _declare_on(channel: AbstractChannel, queue: Queue, arguments: dict[str, Any]) -> None:
+async def _declare_on(
+    channel: AbstractChannel, queue: Queue, arguments: dict[str, Any],
+    exchange_durable: bool = True,
+) -> None:
     """Declare ``queue``, its exchange and binding with plain aiormq calls (consumer restore)."""
     await channel.queue_declare(
         queue.name, durable=queue.durable, auto_delete=queue.auto_delete,
@@ -146,7 +151,7 @@ async def _declare_on(channel: AbstractChannel, queue: Queue, arguments: dict[st
     )
     if queue.exchange_name:
         await channel.exchange_declare(
-            queue.exchange_name, exchange_type=queue.exchange_type, durable=True
+            queue.exchange_name, exchange_type=queue.exchange_type, durable=exchange_durable
         )
         await channel.queue_bind(queue.name, queue.exchange_name, routing_key=queue.binding_key)
 
@@ -267,14 +272,24 @@ class AmqpConsumer(Consumer):
         """
         if self._stopped or self._channel is None:
             return
+        channel: AbstractChannel | None = None
         try:
             channel = await self._channel.get_underlay_channel()
             for name in self._queues:
                 declared = self._broker._declared.get(name)
                 if declared is not None:
-                    await _declare_on(channel, *declared)
+                    durable = self._broker._exchange_durable(declared[0].exchange_name)
+                    await _declare_on(channel, *declared, exchange_durable=durable)
             await self._subscribe(channel)
         except Exception as exc:
+            lost = isinstance(exc, _CONNECTION_ERRORS) or self._broker._connection_lost()
+            if lost and (channel is None or channel.is_closed):
+                # Lost again while subscribing: after the next reconnect the broker's
+                # _on_reconnect reopens this channel, which calls this again.
+                logger.warning("connection lost again while consuming from %s after a "
+                               "reconnect (%s); subscribing after the next one",
+                               ", ".join(self._queues), exc)
+                return
             logger.error("could not consume again from %s after reconnecting: %s",
                          ", ".join(self._queues), exc)
             self._fail(_translate(exc, "consumer lost after reconnecting"))
@@ -427,8 +442,11 @@ class AmqpBroker(Broker):
         # name -> (queue, arguments), also read by consumers to re-declare after a reconnect
         self._declared: dict[str, tuple[Queue, dict[str, Any]]] = {}
         self._exchanges: set[str] = set()  # exchanges known to exist, for publish()
+        self._declared_exchanges: dict[str, bool] = {}  # by declare_exchange(): name -> durable
         self._consumers: set[AmqpConsumer] = set()
         self._rabbitmq_3 = False  # channel-wide (global) QoS is safe there; see AmqpConsumer
+        self._delay_levels = 0  # delay levels 0 … n-1 declared (see publish_delayed)
+        self._delay_bound: set[str] = set()  # queues bound to the final delay exchange
 
     def _require_connection(self) -> AbstractRobustConnection:
         if self._connection is None:
@@ -478,6 +496,46 @@ class AmqpBroker(Broker):
         self._rabbitmq_3 = _is_rabbitmq_3(connection)
         self._publish = _Channel(publish)
         self._declare = _Channel(declare)
+        connection.reconnect_callbacks.add(self._on_reconnect)
+
+    async def _on_reconnect(self, _connection: object) -> None:
+        """aio-pika reconnected and restored its channels: reopen any it left closed.
+
+        aio-pika marks a channel restored once its restore has run, even when the connection
+        dropped again meanwhile, and later restores skip it: it would stay closed for good.
+        A consumer's restore (declarations, ``basic.qos``, ``basic.consume``: several round
+        trips) is where a second drop lands in practice. Reopening runs the channel's reopen
+        callbacks, so a consumer subscribes again. A drop during this brings us back here
+        after the next reconnect.
+        """
+        owners: list[tuple[AbstractRobustChannel, AmqpConsumer | None]] = [
+            (c.robust, None) for c in (self._publish, self._declare) if c is not None
+        ]
+        owners += [(c._channel, c) for c in self._consumers
+                   if c._channel is not None and not c._stopped]
+        for channel, consumer in owners:
+            if not channel.is_closed:
+                continue
+            if self._connection_lost():
+                return
+            try:
+                await channel.reopen()
+            except Exception as exc:
+                if isinstance(exc, _CONNECTION_ERRORS) or self._connection_lost():
+                    logger.warning("could not reopen an AMQP channel after reconnecting "
+                                   "(%s); trying again after the next reconnect", exc)
+                    return
+                logger.error("could not reopen an AMQP channel after reconnecting: %s", exc)
+                if consumer is not None:
+                    consumer._fail(_translate(exc, "consumer lost after reconnecting"))
+
+    def _connection_lost(self) -> bool:
+        """Whether the connection is down right now (aio-pika reconnects it)."""
+        connection = self._connection
+        if connection is None:
+            return True
+        transport = connection.transport
+        return transport is None or transport.connection.is_closed
 
     async def close(self) -> None:
         """Close the connection; RabbitMQ requeues every delivery not settled. Idempotent."""
@@ -485,6 +543,9 @@ class AmqpBroker(Broker):
         self._publish = self._declare = None
         self._declared.clear()
         self._exchanges.clear()
+        self._declared_exchanges.clear()
+        self._delay_levels = 0
+        self._delay_bound.clear()
         for consumer in self._consumers:
             consumer._terminate()
         self._consumers.clear()
@@ -503,7 +564,9 @@ class AmqpBroker(Broker):
             return
         arguments = dict(queue.queue_arguments)
         max_priority = self.settings.task_queue_max_priority
-        if max_priority is not None and "x-max-priority" not in arguments:
+        # Quorum (and stream) queues refuse x-max-priority.
+        if (max_priority is not None and "x-max-priority" not in arguments
+                and arguments.get("x-queue-type", "classic") == "classic"):
             arguments["x-max-priority"] = max_priority
         if self._declare is None:
             raise BrokerConnectionError(f"{mask_password(self.url)} is not connected")
@@ -523,15 +586,16 @@ class AmqpBroker(Broker):
         except _AMQP_ERRORS as exc:
             raise _translate(exc, f"cannot declare queue {queue.name!r}") from exc
         if queue.exchange_name:
+            durable = self._exchange_durable(queue.exchange_name)
             try:
                 exchange = await channel.declare_exchange(
-                    queue.exchange_name, queue.exchange_type, durable=True
+                    queue.exchange_name, queue.exchange_type, durable=durable
                 )
                 await declared.bind(exchange, routing_key=queue.binding_key)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise BrokerError(
                     f"exchange {queue.exchange_name!r} exists with other settings than "
-                    f"requested (type={queue.exchange_type!r}, durable=True); "
+                    f"requested (type={queue.exchange_type!r}, durable={durable}); "
                     f"RabbitMQ says: {exc}"
                 ) from exc
             except _AMQP_ERRORS as exc:
@@ -540,6 +604,33 @@ class AmqpBroker(Broker):
                 ) from exc
             self._exchanges.add(queue.exchange_name)
         self._declared[queue.name] = (queue, arguments)
+
+    def _exchange_durable(self, name: str) -> bool:
+        """As ``declare_exchange()`` declared it; durable (Celery's default) otherwise."""
+        return self._declared_exchanges.get(name, True)
+
+    async def declare_exchange(self, name: str, type: str, *, durable: bool = True) -> None:
+        """Declare an exchange once per connection; aio-pika re-declares it after a reconnect.
+
+        Queues bound to it by a later ``declare()`` declare it with the same durability, so
+        a non-durable exchange (Celery's ``celery.pidbox``) is not re-declared as durable.
+        """
+        if name in self._declared_exchanges:
+            return
+        if self._declare is None:
+            raise BrokerConnectionError(f"{mask_password(self.url)} is not connected")
+        await self._declare.current(self._timeout)
+        try:
+            await self._declare.robust.declare_exchange(name, type, durable=durable)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise BrokerError(
+                f"exchange {name!r} exists with other settings than requested "
+                f"(type={type!r}, durable={durable}); RabbitMQ says: {exc}"
+            ) from exc
+        except _AMQP_ERRORS as exc:
+            raise _translate(exc, f"cannot declare exchange {name!r}") from exc
+        self._declared_exchanges[name] = durable
+        self._exchanges.add(name)
 
     async def _check_exchange(self, name: str) -> None:
         """Publishing to a missing exchange would close the publish channel (and fail every
@@ -589,6 +680,56 @@ class AmqpBroker(Broker):
             raise SerializationError(f"message properties cannot be sent over AMQP: {exc}") from exc
         except _PUBLISH_ERRORS as exc:
             raise _translate(exc, f"cannot publish to {exchange!r}/{routing_key!r}") from exc
+
+    async def publish_delayed(self, envelope: Envelope, *, queue: str, delay: float) -> bool:
+        """Publish into the delay levels (see :mod:`aioqueue.brokers.delay`), declaring what
+        the delay needs once per connection; the message reaches ``queue`` after ``delay``
+        seconds, rounded down to whole seconds and capped at ``delays.MAX_DELAY``."""
+        seconds = min(int(delay), delays.MAX_DELAY)
+        if seconds < 1 or not delays.delayable(queue):
+            return False
+        prefix = str(self.settings.broker_transport_options.get("delay_prefix",
+                                                                delays.DEFAULT_PREFIX))
+        top = delays.top_level(seconds)
+        await self._declare_delay(prefix, top, queue)
+        await self.publish(
+            dataclasses.replace(envelope, expiration=None),  # would expire in every level
+            routing_key=delays.routing_key(seconds, queue),
+            exchange=f"{prefix}.{top}",
+        )
+        return True
+
+    async def _declare_delay(self, prefix: str, top: int, queue: str) -> None:
+        """Levels 0 … ``top`` (each dead-letters into the one below, which must exist first)
+        and the final exchange's binding of ``queue``; durable, so declared once."""
+        if self._delay_levels > top and queue in self._delay_bound:
+            return
+        if self._declare is None:
+            raise BrokerConnectionError(f"{mask_password(self.url)} is not connected")
+        queue_type = self.settings.task_default_queue_type
+        try:
+            channel = await self._declare.current(self._timeout)
+            if self._delay_levels == 0:
+                await channel.exchange_declare(prefix, exchange_type="topic", durable=True)
+            for number in range(self._delay_levels, top + 1):
+                level = delays.level(prefix, number, queue_type)
+                await self.declare(level.queue)  # the queue, its exchange, the digit-1 binding
+                channel = await self._declare.current(self._timeout)
+                await channel.exchange_bind(
+                    level.next_exchange, level.queue.exchange_name, routing_key=level.skip_key
+                )
+                # max(): a concurrent publish may be declaring the same levels (idempotent).
+                self._delay_levels = max(self._delay_levels, number + 1)
+            if queue not in self._delay_bound:
+                await channel.queue_bind(queue, prefix, routing_key=delays.final_binding_key(queue))
+                self._delay_bound.add(queue)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise BrokerError(
+                f"the delay exchanges {prefix!r} exist with other settings than requested "
+                f"(queue type {queue_type!r}); RabbitMQ says: {exc}"
+            ) from exc
+        except _AMQP_ERRORS as exc:
+            raise _translate(exc, f"cannot declare the delay levels {prefix!r}") from exc
 
     def consume(
         self, queues: Sequence[str], *, prefetch: int, no_ack: bool = False

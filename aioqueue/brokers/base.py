@@ -96,10 +96,29 @@ class Broker(ABC):
         """Declare a queue (and its exchange and binding) unless already declared."""
 
     @abstractmethod
+    async def declare_exchange(self, name: str, type: str, *, durable: bool = True) -> None:
+        """Declare an exchange of ``type`` (direct, topic, fanout) unless already declared.
+
+        A later ``declare(queue)`` bound to ``name`` binds to it as declared here (on AMQP,
+        with this durability: Celery's ``celery.pidbox`` is a non-durable fanout). A
+        message published to a fanout exchange reaches every queue bound to it.
+        """
+
+    @abstractmethod
     async def publish(
         self, envelope: Envelope, *, routing_key: str, exchange: str = ""
     ) -> None:
         """Publish; returns once the broker has taken responsibility for the message."""
+
+    async def publish_delayed(self, envelope: Envelope, *, queue: str, delay: float) -> bool:
+        """Publish to ``queue`` (through the default exchange) so the message becomes
+        deliverable about ``delay`` seconds from now, kept by the broker meanwhile.
+
+        Returns False, having published nothing, when this broker cannot do that; the caller
+        then publishes normally and the worker holds the message until its ETA. See
+        :mod:`aioqueue.brokers.delay`.
+        """
+        return False
 
     @abstractmethod
     def consume(

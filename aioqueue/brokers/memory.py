@@ -3,8 +3,9 @@
 Queues live in a hub named by the URL (``memory://`` and ``memory://other`` are separate),
 so a client app and an in-process worker app with the same URL share queues. Prefetch,
 acknowledgement, requeue on reject or close, priorities (with ``x-max-priority``),
-per-message expiration and dead-lettering behave as on RabbitMQ, so tests that use it run
-the worker's real consume loop.
+per-message expiration, dead-lettering and ``x-delivery-limit`` on quorum queues behave as on
+RabbitMQ, so tests that use it run the worker's real consume loop. ``publish_delayed`` holds
+a message in a timer of the event loop.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class _Item:
     queue: str = field(compare=False)
     deadline: float | None = field(compare=False, default=None)
     redelivered: bool = field(compare=False, default=False)
+    returns: int = field(compare=False, default=0)  # deliveries given back, for x-delivery-limit
 
 
 class _MemoryQueue:
@@ -50,6 +52,10 @@ class _MemoryQueue:
         self.max_priority: int | None = args.get("x-max-priority", max_priority)
         self.dead_letter_exchange: str | None = args.get("x-dead-letter-exchange")
         self.dead_letter_routing_key: str | None = args.get("x-dead-letter-routing-key")
+        # RabbitMQ honours x-delivery-limit on quorum queues only.
+        self.delivery_limit: int | None = (
+            args.get("x-delivery-limit") if args.get("x-queue-type") == "quorum" else None
+        )
         self.items: list[_Item] = []
         self.consumers: set[_MemoryConsumer] = set()
 
@@ -218,6 +224,10 @@ class MemoryBroker(Broker):
             if binding not in exchange.bindings:
                 exchange.bindings.append(binding)
 
+    async def declare_exchange(self, name: str, type: str, *, durable: bool = True) -> None:
+        """Declare an exchange (durability means nothing in memory); the first one wins."""
+        self.hub().exchanges.setdefault(name, _Exchange(type))
+
     async def publish(self, envelope: Envelope, *, routing_key: str, exchange: str = "") -> None:
         hub = self.hub()
         deadline = None
@@ -237,9 +247,13 @@ class MemoryBroker(Broker):
         if queue is None:
             return
         if requeue:
-            item.redelivered = True
-            queue.push(item)  # its original sort key puts it back where it was
-        elif queue.dead_letter_exchange is not None:
+            item.returns += 1
+            if queue.delivery_limit is None or item.returns <= queue.delivery_limit:
+                item.redelivered = True
+                queue.push(item)  # its original sort key puts it back where it was
+                return
+            # Given back more often than the limit: dead-lettered (or dropped), as RabbitMQ does.
+        if queue.dead_letter_exchange is not None:
             key = queue.dead_letter_routing_key or routing_key
             for target in hub.route(queue.dead_letter_exchange, key):
                 seq = next(_sequence)
@@ -248,6 +262,22 @@ class MemoryBroker(Broker):
                 )
         else:
             logger.debug("message on %s rejected without a dead-letter exchange", queue.spec.name)
+
+    async def publish_delayed(self, envelope: Envelope, *, queue: str, delay: float) -> bool:
+        """Publish to ``queue`` after ``delay`` seconds, from a timer of this event loop.
+
+        In-process like everything here, so a delayed message is lost with the loop. As on
+        RabbitMQ, it carries no per-message TTL meanwhile (the worker checks ``expires``).
+        """
+        self.hub()  # connected?
+        asyncio.get_running_loop().call_later(delay, self._arrive, envelope, queue)
+        return True
+
+    def _arrive(self, envelope: Envelope, queue: str) -> None:
+        hub = _HUBS.get(self.url)
+        target = hub.queues.get(queue) if hub is not None else None
+        if target is not None:  # else unroutable: dropped, as RabbitMQ does
+            target.push(_Item(target.sort_key(envelope, next(_sequence)), envelope, queue, queue))
 
     def consume(self, queues: Sequence[str], *, prefetch: int, no_ack: bool = False) -> Consumer:
         return _MemoryConsumer(self, queues, prefetch, no_ack)

@@ -5,7 +5,9 @@ aioqueue's own (tables ``aioqueue_messages``, ``aioqueue_queues``, ``aioqueue_ex
 ``aioqueue_bindings``); stock Celery cannot read it. The whole broker contract holds, as on
 RabbitMQ and ``memory://``: prefetch, ack, reject with or without requeue, priorities (with
 ``x-max-priority`` or ``task_queue_max_priority``), per-message expiration and dead-lettering
-(``x-dead-letter-exchange`` / ``x-dead-letter-routing-key``), direct, topic and fanout exchanges.
+(``x-dead-letter-exchange`` / ``x-dead-letter-routing-key``), ``x-delivery-limit`` on quorum
+queues (a message given back more often is dead-lettered), direct, topic and fanout exchanges.
+``publish_delayed`` writes ``not_before``: no consumer can claim the row before then.
 
 Claiming. A consumer claims messages atomically (``BEGIN IMMEDIATE``, then one ``UPDATE ...
 RETURNING``) by giving them a lease, ``lease_until = now + visibility_timeout``
@@ -45,6 +47,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -191,6 +194,7 @@ def _insert(
     exchange: str,
     now: float,
     expires_at: float | None,
+    not_before: float = 0.0,
 ) -> None:
     body, headers, properties = message
     for queue, max_priority in targets:
@@ -198,8 +202,10 @@ def _insert(
         effective = 0 if max_priority is None else max(0, min(priority or 0, max_priority))
         conn.execute(
             "INSERT INTO aioqueue_messages (queue, priority, body, headers, properties, "
-            "routing_key, exchange, created, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (queue, effective, body, headers, properties, routing_key, exchange, now, expires_at),
+            "routing_key, exchange, created, expires_at, not_before) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (queue, effective, body, headers, properties, routing_key, exchange, now, expires_at,
+             not_before),
         )
 
 
@@ -210,12 +216,16 @@ def _publish(
     exchange: str,
     routing_key: str,
     conn: sqlite3.Connection,
+    *,
+    delay: float = 0.0,
 ) -> None:
     now = time.time()
     with immediate(conn):
         targets = _route(conn, exchange, routing_key)
         expires_at = None if ttl is None else now + ttl
-        _insert(conn, targets, message, priority, routing_key, exchange, now, expires_at)
+        not_before = now + delay if delay > 0 else 0.0
+        _insert(conn, targets, message, priority, routing_key, exchange, now, expires_at,
+                not_before)
 
 
 def _dead_letter(conn: sqlite3.Connection, message_id: int, now: float) -> None:
@@ -288,14 +298,53 @@ def _claim(
                 f"WHERE id IN ({pick}) RETURNING {_COLUMNS}",
                 (now + visibility, now, tag, *queues, now, now, now, limit),
             ).fetchall()
+            claimed = [_Row(*r) for r in rows]  # claim - 1: times given back before
+            over = _over_delivery_limit(conn, [(r.id, r.queue, r.claim - 1) for r in claimed], now)
+            rows = [r for r in claimed if r.id not in over]
     # RETURNING has no defined order.
     return sorted((_Row(*r) for r in rows), key=lambda r: (-r.priority, r.id))
+
+
+def _over_delivery_limit(
+    conn: sqlite3.Connection, messages: Sequence[tuple[int, str, int]], now: float
+) -> set[int]:
+    """Dead-letter (or drop) those of ``messages`` (id, queue, times given back) given back
+    more often than their quorum queue's ``x-delivery-limit``, as RabbitMQ does; their ids.
+
+    A requeue or release is seen at once; a lease that ran out (a killed consumer) only at
+    the message's next claim, which changes when it is dead-lettered, not whether.
+    """
+    again = [m for m in messages if m[2] > 1]  # a limit is at least 1
+    if not again:
+        return set()
+    names = sorted({queue for _, queue, _ in again})
+    limits: dict[str, int] = {}
+    for name, raw in conn.execute(
+        f"SELECT name, arguments FROM aioqueue_queues WHERE name IN ({','.join('?' * len(names))})",
+        names,
+    ).fetchall():
+        arguments = orjson.loads(raw)
+        if arguments.get("x-queue-type") == "quorum" and arguments.get("x-delivery-limit"):
+            limits[name] = int(arguments["x-delivery-limit"])
+    over = {mid for mid, queue, returns in again if queue in limits and returns > limits[queue]}
+    for message_id in over:
+        _dead_letter(conn, message_id, now)
+    return over
 
 
 def _release(
     claims: Sequence[tuple[int, int]], redelivered: bool, conn: sqlite3.Connection
 ) -> None:
     with immediate(conn):
+        # Each claim given back counts, as on RabbitMQ (delivery_count: all given back now).
+        owned = [
+            (message_id, row[0], count) for message_id, count in claims if count > 1
+            for row in conn.execute(
+                "SELECT queue FROM aioqueue_messages WHERE id = ? AND delivery_count = ?",
+                (message_id, count),
+            ).fetchall()
+        ]
+        _over_delivery_limit(conn, owned, time.time())
         conn.executemany(
             "UPDATE aioqueue_messages SET lease_until = NULL, consumer_tag = NULL, "
             "redelivered = (redelivered OR ?) WHERE id = ? AND delivery_count = ?",
@@ -341,6 +390,11 @@ def _declare(
                          (exchange_name, kind))
             conn.execute("INSERT OR IGNORE INTO aioqueue_bindings VALUES (?, ?, ?)",
                          (exchange_name, key, name))
+
+
+def _declare_exchange(name: str, kind: str, conn: sqlite3.Connection) -> None:
+    with immediate(conn):
+        conn.execute("INSERT OR IGNORE INTO aioqueue_exchanges VALUES (?, ?)", (name, kind))
 
 
 def _missing_queues(names: Sequence[str], conn: sqlite3.Connection) -> list[str]:
@@ -567,7 +621,22 @@ class SqliteBroker(Broker):
             exchange,
         ))
 
+    async def declare_exchange(self, name: str, type: str, *, durable: bool = True) -> None:
+        """Declare an exchange (every one is durable in the file); the first one wins."""
+        await self.db().run(partial(_declare_exchange, name, type))
+
     async def publish(self, envelope: Envelope, *, routing_key: str, exchange: str = "") -> None:
+        await self._send(envelope, routing_key, exchange, 0.0)
+
+    async def publish_delayed(self, envelope: Envelope, *, queue: str, delay: float) -> bool:
+        """A row no consumer may claim for ``delay`` seconds (``not_before``). As on RabbitMQ,
+        it carries no per-message TTL meanwhile (the worker checks ``expires``)."""
+        await self._send(replace(envelope, expiration=None), queue, "", delay)
+        return True
+
+    async def _send(
+        self, envelope: Envelope, routing_key: str, exchange: str, delay: float
+    ) -> None:
         message = (
             bytes(envelope.body),
             _json(envelope.headers, "headers"),
@@ -589,7 +658,9 @@ class SqliteBroker(Broker):
                 raise BrokerError(f"expiration must be milliseconds, got {envelope.expiration!r}"
                                   ) from None
         db = self.db()
-        await db.run(partial(_publish, message, envelope.priority, ttl, exchange, routing_key))
+        await db.run(partial(
+            _publish, message, envelope.priority, ttl, exchange, routing_key, delay=delay
+        ))
         notify(db.path)
 
     def consume(self, queues: Sequence[str], *, prefetch: int, no_ack: bool = False) -> Consumer:

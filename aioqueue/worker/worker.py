@@ -10,6 +10,7 @@ broker gets prefetched messages back), lets running tasks finish within
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -21,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .. import canvas, states
+from .. import canvas, routing, states
+from ..brokers import delay
+from ..control import ControlListener, Revoked
 from ..exceptions import (
     AioQueueError,
     NotRegistered,
@@ -44,6 +47,12 @@ if TYPE_CHECKING:
 __all__ = ("Worker", "default_hostname")
 
 logger = logging.getLogger("aioqueue.worker")
+
+# Headers RabbitMQ adds on dead-lettering and redelivery; a republished message starts afresh.
+_BROKER_HEADERS = frozenset(
+    {"x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+     "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", "x-delivery-count"}
+)
 
 
 def default_hostname() -> str:
@@ -83,7 +92,7 @@ class Worker:
         self._consume_scope: anyio.CancelScope | None = None
         self._tasks_scope: anyio.CancelScope | None = None
         self._thread_limiter = anyio.CapacityLimiter(self.concurrency)
-        self.revoked: set[str] = set()
+        self.revoked = Revoked()  # ids to skip, from remote-control revoke commands
         self._running: dict[str, anyio.CancelScope] = {}  # task id -> its scope, to terminate
         self._store: ResultStore | None = None
 
@@ -106,10 +115,13 @@ class Worker:
         broker = await self.app.get_broker()
         self._store = await self.app.get_result_store()
         for name in self.queues:
-            await broker.declare(self.app.queue_spec(name))
+            for spec in routing.declarations(self.app.conf, name):  # its dead-letter queue too
+                await broker.declare(spec)
         limit = anyio.Semaphore(self.concurrency)
         async with anyio.create_task_group() as tasks:
             self._tasks_scope = tasks.cancel_scope
+            # Remote control first, so a revoke sent while we start is not missed.
+            await tasks.start(ControlListener(self.app, self.hostname, self.revoke).run)
             consumer = broker.consume(self.queues, prefetch=self.prefetch)
             await consumer.start()
             try:
@@ -189,6 +201,8 @@ class Worker:
             await delivery.ack()
             return
         if message.eta is not None and message.eta > now:
+            if await self._delay_in_broker(delivery, message, now):
+                return
             await self._hold_until_eta(message, limit)
             if message.id in self.revoked:
                 await self._discard_revoked(delivery, message, task)
@@ -206,6 +220,26 @@ class Worker:
         logger.info("Task %s[%s] revoked; discarded", message.task, message.id)
         await self._store_exception(message, task, states.REVOKED, TaskRevokedError("revoked"))
         await delivery.ack()
+
+    async def _delay_in_broker(
+        self, delivery: Delivery, message: TaskMessage, now: datetime
+    ) -> bool:
+        """A task due far in the future goes back to the broker's delay queues instead of
+        waiting here, unacknowledged, in worker memory (a stock client sends such tasks
+        straight to the work queue). Published before the ack: at worst it runs twice."""
+        wait = delay.broker_delay(self.app.conf, message.eta, now)
+        if wait is None or delivery.routing_key not in self.queues:
+            return False
+        envelope = delivery.envelope
+        headers = {k: v for k, v in envelope.headers.items() if k not in _BROKER_HEADERS}
+        again = dataclasses.replace(envelope, headers=headers, expiration=None)
+        broker = await self.app.get_broker()
+        if not await broker.publish_delayed(again, queue=delivery.routing_key, delay=wait):
+            return False
+        logger.info("Task %s[%s] due at %s: parked in the broker", message.task, message.id,
+                    message.eta)
+        await delivery.ack()
+        return True
 
     async def _hold_until_eta(self, message: TaskMessage, limit: anyio.Semaphore) -> None:
         """Wait for the ETA without holding a concurrency permit (the message stays unacked)."""

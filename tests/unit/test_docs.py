@@ -13,7 +13,7 @@ import pytest
 from aioqueue.config import UNSUPPORTED_CELERY_SETTINGS, Settings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-PAGES = ("getting-started.md", "configuration.md", "testing.md")
+PAGES = ("getting-started.md", "configuration.md", "testing.md", "tasks.md")
 
 # A fenced block opened by ```python (possibly indented, as inside a list item).
 _BLOCK = re.compile(

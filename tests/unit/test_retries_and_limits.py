@@ -201,3 +201,28 @@ async def test_revoked_task_is_skipped_and_running_one_terminated(app: AioQueue)
         with pytest.raises(TaskRevokedError, match="terminated"):
             await r.get(timeout=5)
         assert await r.state() == "REVOKED"
+
+
+async def test_revoke_through_remote_control(app: AioQueue) -> None:
+    started = anyio.Event()
+
+    @app.task
+    async def long() -> None:
+        started.set()
+        await anyio.sleep(30)
+
+    @app.task
+    async def short() -> int:
+        return 1
+
+    async with running_worker(app):
+        later = await short.apply_async(countdown=0.5)
+        await later.revoke()
+        with pytest.raises(TaskRevokedError, match="revoked"):
+            await later.get(timeout=5)
+        r = await long.delay()
+        await started.wait()
+        await app.control.revoke(r.id, terminate=True)
+        with pytest.raises(TaskRevokedError, match="terminated"):
+            await r.get(timeout=5)
+        assert await (await short.delay()).get(timeout=5) == 1
