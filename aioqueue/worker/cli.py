@@ -146,12 +146,26 @@ def worker_main(argv: Sequence[str] | None = None, prog: str = "python -m aioque
         for module in app.include:
             importlib.import_module(module)
         anyio.run(_serve, app, options, __version__)
-    except AioQueueError as exc:
-        print(f"aioqueue: error: {exc}", file=sys.stderr)
+    except (AioQueueError, BaseExceptionGroup) as exc:
+        error = _our_error(exc)
+        if error is None:
+            raise
+        print(f"aioqueue: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # pragma: no cover - a signal that arrived before the handler
         return 130
     return 0
+
+
+def _our_error(exc: BaseException) -> AioQueueError | None:
+    """Our error, also when task groups wrapped it; None for anything else."""
+    if isinstance(exc, AioQueueError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _our_error(inner)) is not None:
+                return found
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

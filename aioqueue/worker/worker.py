@@ -29,6 +29,7 @@ from ..exceptions import (
     AioQueueError,
     NotRegistered,
     Reject,
+    ResultStoreError,
     Retry,
     SerializationError,
     TaskRevokedError,
@@ -440,7 +441,20 @@ class Worker:
     ) -> None:
         if self._store is None or self._ignored(message, task):
             return
-        await self._store.store(task_id or message.id, meta, reply_to=message.reply_to)
+        # The task has run: while the store is unreachable, keep the result in hand (and the
+        # message unacknowledged, and this permit) rather than requeue and run it again.
+        delay = 0.1
+        while True:
+            try:
+                await self._store.store(task_id or message.id, meta, reply_to=message.reply_to)
+                return
+            except ResultStoreError as exc:
+                logger.warning(
+                    "Cannot store the result of %s[%s] (%s); trying again in %.1fs",
+                    message.task, message.id, exc, delay, extra={"task_id": message.id},
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _store_success(
         self, message: TaskMessage, task: Task[Any, Any], value: Any, children: list[Any]
