@@ -1,0 +1,56 @@
+"""delay() during a broker outage: it succeeds after reconnecting or raises
+BrokerConnectionError within broker_connection_timeout; it never reports success without a
+broker confirm."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from aioqueue import AioQueue, BrokerConnectionError
+
+from ..integration.conftest import delete_queues
+from .proxy import tcp_proxy
+from .test_connection_faults import port_of, through
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+async def queue_depth(amqp_url: str, queue: str) -> int:
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+async def test_delay_during_an_outage(amqp_url: str, unique: str) -> None:
+    async with tcp_proxy(port_of(amqp_url, 5672)) as proxy:
+        url = through(amqp_url, proxy) + "?reconnect_interval=0.2"
+        app = AioQueue("client", broker=url, task_default_queue=unique,
+                       broker_connection_timeout=1.0)
+        try:
+            await app.send_task("x.before", [1])
+            proxy.pause()
+            await proxy.cut()
+            started = time.monotonic()
+            with pytest.raises(BrokerConnectionError):
+                await app.send_task("x.during", [2])
+            assert time.monotonic() - started < 1.0 + 1.5  # the timeout, plus slack
+            proxy.resume()
+            with anyio.fail_after(10):  # reconnects by itself; then publishes are confirmed
+                while True:
+                    try:
+                        await app.send_task("x.after", [3])
+                        break
+                    except BrokerConnectionError:
+                        continue
+        finally:
+            await app.close()
+    # Exactly what was confirmed is in the queue: "before" and "after", not "during".
+    assert await queue_depth(amqp_url, unique) == 2
+    await delete_queues(amqp_url, [unique])
