@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 __all__ = ("render_banner",)
 
 
-def render_banner(worker: Worker, version: str) -> str:
+def render_banner(worker: Worker, version: str, processes: int = 1) -> str:
     app = worker.app
     conf = app.conf
     backend = app.result_backend_url or "disabled"
@@ -22,6 +22,10 @@ def render_banner(worker: Worker, version: str) -> str:
     if app.uses_embedded_default:
         embedded = "  (embedded default: set broker_url for production)"
     acks = "late (after the result is stored)" if conf.task_acks_late else "early"
+    pool = ""
+    if processes > 1:
+        share = -(-worker.concurrency // processes)
+        pool = f", {processes} processes of {share}"
     lines = [
         f"aioqueue {version} :: {worker.hostname}",
         f"  {platform.platform()} · Python {platform.python_version()} · "
@@ -31,7 +35,7 @@ def render_banner(worker: Worker, version: str) -> str:
         f"  app:          {app.main or '__main__'}:{id(app):#x}",
         f"  transport:    {mask_password(app.broker_url)}{embedded}",
         f"  results:      {mask_password(backend)}",
-        f"  concurrency:  {worker.concurrency} (asyncio)",
+        f"  concurrency:  {worker.concurrency} (asyncio{pool})",
         f"  prefetch:     {worker.prefetch} ({worker.prefetch_multiplier} x concurrency)",
         f"  acks:         {acks}",
         "",

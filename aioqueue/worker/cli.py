@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import anyio.abc
 from ..app import AioQueue
 from ..exceptions import AioQueueError
 from .banner import render_banner
+from .supervisor import child_commands, supervise
 from .worker import Worker
 
 __all__ = ("find_app", "main", "worker_main")
@@ -95,7 +97,53 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--prefetch-multiplier", type=_positive, help="prefetch = concurrency x this"
     )
     parser.add_argument("--shutdown-timeout", type=float, help="seconds to drain on SIGTERM")
+    parser.add_argument(
+        "--processes", type=_processes, default=1,
+        help="worker processes, each with its own event loop (default 1; auto = CPU count)",
+    )
+    parser.add_argument(
+        "--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+        help="event loop: uvloop when installed (aioqueue[uvloop]) with auto (the default)",
+    )
+    parser.add_argument("--no-banner", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _processes(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    return _positive(text)
+
+
+def _use_uvloop(choice: str) -> bool:
+    if choice == "asyncio":
+        return False
+    installed = importlib.util.find_spec("uvloop") is not None
+    if choice == "uvloop" and not installed:
+        raise AioQueueError("--loop uvloop needs uvloop: pip install 'aioqueue[uvloop]'")
+    return installed
+
+
+def _worker(app: AioQueue, options: argparse.Namespace) -> Worker:
+    return Worker(
+        app,
+        queues=[q for q in options.queues.split(",") if q] if options.queues else None,
+        concurrency=options.concurrency,
+        prefetch_multiplier=options.prefetch_multiplier,
+        hostname=_hostname(options.hostname),
+        shutdown_timeout=options.shutdown_timeout,
+    )
+
+
+def _child_options(options: argparse.Namespace) -> list[str]:
+    """The options every child of ``--processes N`` repeats (the rest is per child)."""
+    argv = ["-A", options.app, "--loglevel", options.loglevel, "--loop", options.loop]
+    for flag, value in (("-Q", options.queues), ("--prefetch-multiplier",
+                        options.prefetch_multiplier), ("--shutdown-timeout",
+                        options.shutdown_timeout)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
 
 
 async def _watch_signals(
@@ -118,18 +166,12 @@ async def _watch_signals(
 
 
 async def _serve(app: AioQueue, options: argparse.Namespace, version: str) -> None:
-    worker = Worker(
-        app,
-        queues=[q for q in options.queues.split(",") if q] if options.queues else None,
-        concurrency=options.concurrency,
-        prefetch_multiplier=options.prefetch_multiplier,
-        hostname=_hostname(options.hostname),
-        shutdown_timeout=options.shutdown_timeout,
-    )
+    worker = _worker(app, options)
     async with anyio.create_task_group() as tg:
         # Signals are watched before anything else, so a SIGTERM at any point is graceful.
         await tg.start(_watch_signals, worker)
-        print(render_banner(worker, version), flush=True)
+        if not options.no_banner:
+            print(render_banner(worker, version), flush=True)
         async with app:
             await worker.run()
         tg.cancel_scope.cancel()
@@ -145,7 +187,15 @@ def worker_main(argv: Sequence[str] | None = None, prog: str = "python -m aioque
         app = find_app(options.app)
         for module in app.include:
             importlib.import_module(module)
-        anyio.run(_serve, app, options, __version__)
+        uvloop = _use_uvloop(options.loop)
+        if options.processes > 1:
+            worker = _worker(app, options)
+            print(render_banner(worker, __version__, processes=options.processes), flush=True)
+            commands = child_commands(
+                _child_options(options), options.processes, worker.concurrency, worker.hostname
+            )
+            return anyio.run(supervise, commands, backend_options={"use_uvloop": uvloop})
+        anyio.run(_serve, app, options, __version__, backend_options={"use_uvloop": uvloop})
     except (AioQueueError, BaseExceptionGroup) as exc:
         error = _our_error(exc)
         if error is None:
