@@ -7,42 +7,45 @@ One robust connection (aio-pika reconnects it by itself) with three kinds of cha
 * a *declare* channel for queue/exchange declarations. aio-pika re-declares them after a
   reconnect; keeping them off the publish channel means a refused declaration (which makes
   RabbitMQ close the channel) cannot fail publishes that are waiting for their confirms;
-* one channel per consumer, so its ``basic.qos`` prefetch applies to that consumer only.
+* one channel per consumer (:mod:`aioqueue.brokers.amqp_consumer`), so its ``basic.qos``
+  prefetch applies to that consumer only.
 
-Per-message paths (publish, deliver, ack) use the underlying aiormq channel directly:
-aio-pika's ``Message``/``IncomingMessage`` wrappers and its extra task per delivery cost
-about a quarter of the consume throughput (measured locally), and the raw AMQP properties
-are what the ``Envelope`` holds anyway (``expiration`` stays the millisecond string Celery
-sent). aio-pika's robust consumers cannot be used that way, so a consumer subscribes again
-by itself when aio-pika reopens its channel.
-
-aio-pika, aiormq and pamqp exceptions never leave this module: connection problems become
-``BrokerConnectionError``, everything else the broker refuses becomes ``BrokerError``.
+Per-message paths (publish here; deliver and ack in the consumer module) use the underlying
+aiormq channel directly, not aio-pika's ``Message`` wrappers: see the consumer module for
+why. The connection and channel plumbing, and the translation of aio-pika, aiormq
+and pamqp exceptions into ``BrokerConnectionError``/``BrokerError``, are in
+:mod:`aioqueue.brokers.amqp_channel`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import aiormq
 import anyio
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
-from yarl import URL
 
 from ..exceptions import BrokerConnectionError, BrokerError, SerializationError
 from ..protocol import Envelope
 from ..registry import mask_password
 from . import delay as delays
+from .amqp_channel import (
+    AMQP_ERRORS,
+    CONNECTION_ERRORS,
+    PUBLISH_ERRORS,
+    Channel,
+    connection_url,
+    is_rabbitmq_3,
+    translate,
+)
+from .amqp_consumer import AmqpConsumer, AmqpDelivery
 from .amqp_headers import use_pyamqp_compatible_field_tables
-from .base import Broker, Consumer, Delivery
+from .base import Broker
 
 if TYPE_CHECKING:
     from ..config import Queue, Settings
@@ -50,384 +53,6 @@ if TYPE_CHECKING:
 __all__ = ("AmqpBroker", "AmqpConsumer", "AmqpDelivery")
 
 logger = logging.getLogger(__name__)
-
-# Errors that mean "the connection or channel is gone" rather than "the broker said no".
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    aiormq.exceptions.AMQPConnectionError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    OSError,  # includes TimeoutError
-)
-_AMQP_ERRORS: tuple[type[BaseException], ...] = (
-    aiormq.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    OSError,
-)
-# ValueError: e.g. a routing key over 255 bytes
-_PUBLISH_ERRORS: tuple[type[BaseException], ...] = (*_AMQP_ERRORS, ValueError)
-
-
-def _translate(exc: BaseException, what: str) -> BrokerError:
-    if isinstance(exc, _CONNECTION_ERRORS):
-        return BrokerConnectionError(f"{what}: {exc or type(exc).__name__}")
-    return BrokerError(f"{what}: {exc or type(exc).__name__}")
-
-
-# -- URL ------------------------------------------------------------------------------------
-
-
-def _connection_url(url: str) -> URL:
-    """Celery's broker URL as aiormq wants it.
-
-    ``pyamqp://`` is ``amqp://``; a missing host is localhost (Celery's default). The vhost
-    follows kombu: ``amqp://host//`` and ``amqp://host/`` are ``/``, ``amqp://host/x`` is x,
-    which is also how aiormq reads the path.
-    """
-    parsed = URL(url)
-    scheme = parsed.scheme.rsplit("+", 1)[-1]
-    if scheme == "pyamqp":
-        scheme = "amqp"
-    return URL.build(
-        scheme=scheme,
-        user=parsed.user,
-        password=parsed.password,
-        host=parsed.host or "localhost",
-        port=parsed.explicit_port,
-        path=parsed.path or "/",
-        query=parsed.query,
-    )
-
-
-# -- channels -------------------------------------------------------------------------------
-
-
-class _Channel:
-    """A robust channel and its current aiormq channel, for the broker's own channels.
-
-    When RabbitMQ closes a channel (a refused declaration, a lost connection) aio-pika opens
-    a new one, but not at once: for a moment the closed one is still current. ``current()``
-    waits for the new one (at most ``timeout``) instead of failing the next call.
-    """
-
-    __slots__ = ("_current", "_reopened", "robust")
-
-    def __init__(self, robust: AbstractRobustChannel) -> None:
-        self.robust = robust
-        self._current: AbstractChannel | None = None
-        self._reopened = asyncio.Event()
-        robust.reopen_callbacks.add(self._on_reopen)
-
-    def _on_reopen(self, _channel: object) -> None:
-        self._current = None
-        self._reopened.set()
-
-    async def current(self, timeout: float) -> AbstractChannel:
-        channel = self._current
-        if channel is not None and not channel.is_closed:
-            return channel
-        try:
-            with anyio.fail_after(timeout):
-                while self.robust.is_closed:
-                    self._reopened.clear()
-                    await self._reopened.wait()
-                await self.robust.ready()
-                channel = self._current = await self.robust.get_underlay_channel()
-        except TimeoutError:
-            raise BrokerConnectionError(
-                f"no AMQP channel available within {timeout}s (connection lost?)"
-            ) from None
-        return channel
-
-
-async def _declare_on(
-    channel: AbstractChannel, queue: Queue, arguments: dict[str, Any],
-    exchange_durable: bool = True,
-) -> None:
-    """Declare ``queue``, its exchange and binding with plain aiormq calls (consumer restore)."""
-    await channel.queue_declare(
-        queue.name, durable=queue.durable, auto_delete=queue.auto_delete,
-        arguments=arguments or None,
-    )
-    if queue.exchange_name:
-        await channel.exchange_declare(
-            queue.exchange_name, exchange_type=queue.exchange_type, durable=exchange_durable
-        )
-        await channel.queue_bind(queue.name, queue.exchange_name, routing_key=queue.binding_key)
-
-
-# -- consuming ------------------------------------------------------------------------------
-
-
-class AmqpDelivery(Delivery):
-    """A message delivered by RabbitMQ; ``ack``/``reject`` never raise for a lost channel."""
-
-    __slots__ = ("_channel", "_consumer", "_tag")
-
-    def __init__(
-        self, envelope: Envelope, routing_key: str, redelivered: bool,
-        channel: AbstractChannel, tag: int, consumer: AmqpConsumer | None,
-    ) -> None:
-        super().__init__(envelope, routing_key, redelivered)
-        self._channel = channel
-        self._tag = tag
-        self._consumer = consumer  # None: nothing to settle (no_ack, or settled already)
-
-    async def ack(self) -> None:
-        await self._settle(None)
-
-    async def reject(self, requeue: bool) -> None:
-        await self._settle(requeue)
-
-    async def _settle(self, requeue: bool | None) -> None:
-        consumer = self._consumer
-        if consumer is None:
-            return
-        self._consumer = None
-        try:
-            # wait=False: neither has a reply; queueing the frame is all there is to wait for.
-            if requeue is None:
-                await self._channel.basic_ack(self._tag, wait=False)
-            else:
-                await self._channel.basic_reject(self._tag, requeue=requeue, wait=False)
-        except _AMQP_ERRORS as exc:
-            logger.warning(
-                "could not %s delivery %d (%s); RabbitMQ will deliver it again",
-                "ack" if requeue is None else "reject", self._tag, exc,
-            )
-        consumer._outstanding -= 1
-        if consumer._stopped and not consumer._outstanding:
-            await consumer._close_channel()
-
-
-class AmqpConsumer(Consumer):
-    """``basic.consume`` on each queue over a channel of its own, prefetch set by ``basic.qos``.
-
-    Like Celery, the limit is channel-wide (``global=true``) on RabbitMQ 3.x when every queue
-    was declared through this broker as a classic queue: then it covers all the queues
-    together and ``set_prefetch()`` applies at once. Otherwise (RabbitMQ 4, quorum or stream
-    queues, queues of unknown type) it is per consumer: quorum queues answer global QoS with
-    a *connection* error, RabbitMQ 4 deprecates it. Per consumer, each queue has its own
-    window of ``prefetch`` and a new limit applies only from the next subscription.
-    """
-
-    def __init__(
-        self, broker: AmqpBroker, queues: Sequence[str], prefetch: int, no_ack: bool
-    ) -> None:
-        self._broker = broker
-        self._queues = tuple(queues)
-        self._prefetch = prefetch
-        self._no_ack = no_ack
-        self._tags = {name: f"aioqueue.{uuid.uuid4().hex}" for name in self._queues}
-        self._buffer: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
-        self._channel: AbstractRobustChannel | None = None
-        self._underlay: AbstractChannel | None = None
-        self._stopped = False  # by stop() or the broker's close(); nothing new is accepted
-        self._error: BrokerError | None = None
-        self._outstanding = 0  # handed out by receive(), not yet settled
-        self._global_qos = False
-
-    async def start(self) -> None:
-        if self._channel is not None or self._stopped:
-            raise BrokerError("an AMQP consumer can be started only once")
-        connection = self._broker._require_connection()
-        channel = connection.channel(publisher_confirms=False)
-        try:
-            await channel.initialize()
-            self._global_qos = self._broker._global_qos_safe(self._queues)
-            await self._subscribe(await channel.get_underlay_channel())
-        except Exception as exc:
-            await _close_quietly(channel)
-            raise _translate(exc, f"cannot consume from {', '.join(self._queues)}") from exc
-        self._channel = channel
-        channel.reopen_callbacks.add(self._on_reopen)
-        self._broker._consumers.add(self)
-
-    async def _subscribe(self, channel: AbstractChannel) -> None:
-        # basic.qos on the aiormq channel, not RobustChannel.set_qos: that one waits for the
-        # channel's restore to finish, which waits for this very call in _on_reopen.
-        await channel.basic_qos(prefetch_count=self._prefetch, global_=self._global_qos)
-        self._underlay = channel
-        channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
-        for name in self._queues:
-            await channel.basic_consume(
-                name, self._on_message, no_ack=self._no_ack, consumer_tag=self._tags[name]
-            )
-
-    async def _on_message(self, message: DeliveredMessage) -> None:
-        # Called by aiormq (in a task of its own) for every delivery: keep it minimal.
-        if self._stopped:
-            if not self._no_ack:
-                await _requeue(message)
-            return
-        self._buffer.put_nowait(message)
-
-    async def _on_reopen(self, _channel: object) -> None:
-        """aio-pika reopened the channel (reconnect or channel error): subscribe again.
-
-        Deliveries still buffered came over the old channel; ``receive()`` skips them and
-        RabbitMQ delivers them again. Queues this broker declared are declared again first,
-        so an auto-delete queue that went with the old connection is there before the
-        ``basic.consume`` (the declare channel is restored in no particular order).
-        """
-        if self._stopped or self._channel is None:
-            return
-        channel: AbstractChannel | None = None
-        try:
-            channel = await self._channel.get_underlay_channel()
-            for name in self._queues:
-                declared = self._broker._declared.get(name)
-                if declared is not None:
-                    durable = self._broker._exchange_durable(declared[0].exchange_name)
-                    await _declare_on(channel, *declared, exchange_durable=durable)
-            await self._subscribe(channel)
-        except Exception as exc:
-            lost = isinstance(exc, _CONNECTION_ERRORS) or self._broker._connection_lost()
-            if lost and (channel is None or channel.is_closed):
-                # Lost again while subscribing: after the next reconnect the broker's
-                # _on_reconnect reopens this channel, which calls this again.
-                logger.warning("connection lost again while consuming from %s after a "
-                               "reconnect (%s); subscribing after the next one",
-                               ", ".join(self._queues), exc)
-                return
-            logger.error("could not consume again from %s after reconnecting: %s",
-                         ", ".join(self._queues), exc)
-            self._fail(_translate(exc, "consumer lost after reconnecting"))
-
-    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        # RabbitMQ cancelled a consumer by itself: its queue was deleted.
-        queue = next((q for q, tag in self._tags.items() if tag == frame.consumer_tag), "?")
-        self._fail(BrokerError(f"RabbitMQ stopped delivering from queue {queue!r} (deleted?)"))
-
-    def _fail(self, error: BrokerError) -> None:
-        if self._error is None:
-            self._error = error
-        self._buffer.put_nowait(None)  # wake every receive()
-
-    async def receive(self) -> Delivery:
-        buffer = self._buffer
-        while True:
-            try:
-                message = buffer.get_nowait()
-            except asyncio.QueueEmpty:
-                message = await buffer.get()
-            if message is None:
-                buffer.put_nowait(None)  # leave the wake-up for other receivers
-                if self._error is not None:
-                    raise self._error
-                raise BrokerConnectionError("consumer stopped")
-            channel = message.channel
-            if channel.is_closed:
-                continue  # came over a channel lost since; RabbitMQ delivers it again
-            props = message.header.properties
-            deliver = cast(spec.Basic.Deliver, message.delivery)
-            envelope = Envelope(
-                body=message.body,
-                # pamqp already decodes tables to plain Python (str, int, bool, None, list,
-                # dict), which is what the protocol decoder expects: no copy, no walk.
-                headers=props.headers if props.headers is not None else {},
-                content_type=props.content_type or "",
-                content_encoding=props.content_encoding or "",
-                correlation_id=props.correlation_id,
-                reply_to=props.reply_to,
-                priority=props.priority,
-                delivery_mode=props.delivery_mode or 1,
-                expiration=props.expiration,
-            )
-            if self._no_ack:
-                return AmqpDelivery(envelope, deliver.routing_key or "", deliver.redelivered,
-                                    channel, 0, None)
-            self._outstanding += 1
-            return AmqpDelivery(envelope, deliver.routing_key or "", deliver.redelivered,
-                                channel, deliver.delivery_tag or 0, self)
-
-    async def set_prefetch(self, count: int) -> None:
-        """Change the prefetch limit (e.g. +1 while an ETA task is held); see the class doc.
-
-        Returns at once while reconnecting: the limit is set when the consumer subscribes
-        again. With per-consumer QoS, RabbitMQ keeps the old limit until then.
-        """
-        self._prefetch = count
-        channel = self._underlay
-        if channel is None or channel.is_closed or self._stopped or not self._global_qos:
-            return
-        try:
-            await channel.basic_qos(prefetch_count=count, global_=True)
-        except _AMQP_ERRORS as exc:
-            if not channel.is_closed:
-                raise _translate(exc, "cannot change prefetch") from exc
-
-    async def stop(self) -> None:
-        """Cancel the subscriptions and give back what was prefetched but not handed out.
-
-        Deliveries already handed out can still be settled; the channel is closed after the
-        last of them (or by ``AmqpBroker.close()``, which gives back whatever is left).
-        """
-        if self._stopped:
-            return
-        self._stopped = True
-        self._broker._consumers.discard(self)
-        if self._channel is not None:
-            self._channel.reopen_callbacks.discard(self._on_reopen)
-        underlay = self._underlay
-        if underlay is not None and not underlay.is_closed:
-            timeout = self._broker.settings.broker_connection_timeout
-            for tag in self._tags.values():
-                try:
-                    await underlay.basic_cancel(tag, timeout=timeout)
-                except _AMQP_ERRORS as exc:  # TimeoutError is an OSError
-                    logger.debug("basic.cancel %s failed: %s", tag, exc)
-                    break
-        # Nothing more arrives for our tags now (anything late is requeued by _on_message).
-        buffer = self._buffer
-        while not buffer.empty():
-            message = buffer.get_nowait()
-            if message is not None and not self._no_ack:
-                await _requeue(message)
-        buffer.put_nowait(None)
-        if self._outstanding == 0:
-            await self._close_channel()
-
-    def _terminate(self) -> None:
-        """The broker is closing the connection: wake receivers, no network calls."""
-        self._stopped = True
-        self._channel = None  # closed with the connection
-        self._buffer.put_nowait(None)
-
-    async def _close_channel(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            await _close_quietly(channel)
-
-
-async def _requeue(message: DeliveredMessage) -> None:
-    tag = message.delivery_tag
-    if tag is None or message.channel.is_closed:
-        return  # the closed channel gave it back already
-    try:
-        await message.channel.basic_reject(tag, requeue=True, wait=False)
-    except _AMQP_ERRORS as exc:
-        logger.debug("could not requeue delivery %d: %s", tag, exc)
-
-
-def _is_rabbitmq_3(connection: AbstractRobustConnection) -> bool:
-    transport = connection.transport
-    if transport is None:
-        return False
-    properties = transport.connection.server_properties
-    version = str(properties.get("version", ""))
-    return properties.get("product") == "RabbitMQ" and version.split(".", 1)[0] == "3"
-
-
-async def _close_quietly(channel: AbstractRobustChannel) -> None:
-    with anyio.CancelScope(shield=True):
-        try:
-            await channel.close()
-        except Exception as exc:  # closing is best effort; the connection close covers it
-            logger.debug("closing AMQP channel failed: %s", exc)
-
-
-# -- the broker -----------------------------------------------------------------------------
 
 
 class AmqpBroker(Broker):
@@ -437,8 +62,8 @@ class AmqpBroker(Broker):
         super().__init__(url, settings)
         use_pyamqp_compatible_field_tables()
         self._connection: AbstractRobustConnection | None = None
-        self._publish: _Channel | None = None
-        self._declare: _Channel | None = None
+        self._publish: Channel | None = None
+        self._declare: Channel | None = None
         # name -> (queue, arguments), also read by consumers to re-declare after a reconnect
         self._declared: dict[str, tuple[Queue, dict[str, Any]]] = {}
         self._exchanges: set[str] = set()  # exchanges known to exist, for publish()
@@ -472,7 +97,7 @@ class AmqpBroker(Broker):
             return
         # Built by hand rather than with aio_pika.connect_robust(), so a connection that
         # fails or times out can be closed: otherwise its reconnect task keeps running.
-        connection = aio_pika.RobustConnection(_connection_url(self.url))
+        connection = aio_pika.RobustConnection(connection_url(self.url))
         try:
             with anyio.fail_after(self._timeout):
                 await connection.connect(timeout=self._timeout)
@@ -493,9 +118,9 @@ class AmqpBroker(Broker):
                 ) from exc
             raise
         self._connection = connection
-        self._rabbitmq_3 = _is_rabbitmq_3(connection)
-        self._publish = _Channel(publish)
-        self._declare = _Channel(declare)
+        self._rabbitmq_3 = is_rabbitmq_3(connection)
+        self._publish = Channel(publish)
+        self._declare = Channel(declare)
         connection.reconnect_callbacks.add(self._on_reconnect)
 
     async def _on_reconnect(self, _connection: object) -> None:
@@ -521,13 +146,13 @@ class AmqpBroker(Broker):
             try:
                 await channel.reopen()
             except Exception as exc:
-                if isinstance(exc, _CONNECTION_ERRORS) or self._connection_lost():
+                if isinstance(exc, CONNECTION_ERRORS) or self._connection_lost():
                     logger.warning("could not reopen an AMQP channel after reconnecting "
                                    "(%s); trying again after the next reconnect", exc)
                     return
                 logger.error("could not reopen an AMQP channel after reconnecting: %s", exc)
                 if consumer is not None:
-                    consumer._fail(_translate(exc, "consumer lost after reconnecting"))
+                    consumer._fail(translate(exc, "consumer lost after reconnecting"))
 
     def _connection_lost(self) -> bool:
         """Whether the connection is down right now (aio-pika reconnects it)."""
@@ -583,8 +208,8 @@ class AmqpBroker(Broker):
                 f"(durable={queue.durable}, auto_delete={queue.auto_delete}, "
                 f"arguments={arguments}); RabbitMQ says: {exc}"
             ) from exc
-        except _AMQP_ERRORS as exc:
-            raise _translate(exc, f"cannot declare queue {queue.name!r}") from exc
+        except AMQP_ERRORS as exc:
+            raise translate(exc, f"cannot declare queue {queue.name!r}") from exc
         if queue.exchange_name:
             durable = self._exchange_durable(queue.exchange_name)
             try:
@@ -598,8 +223,8 @@ class AmqpBroker(Broker):
                     f"requested (type={queue.exchange_type!r}, durable={durable}); "
                     f"RabbitMQ says: {exc}"
                 ) from exc
-            except _AMQP_ERRORS as exc:
-                raise _translate(
+            except AMQP_ERRORS as exc:
+                raise translate(
                     exc, f"cannot declare exchange {queue.exchange_name!r} for {queue.name!r}"
                 ) from exc
             self._exchanges.add(queue.exchange_name)
@@ -627,8 +252,8 @@ class AmqpBroker(Broker):
                 f"exchange {name!r} exists with other settings than requested "
                 f"(type={type!r}, durable={durable}); RabbitMQ says: {exc}"
             ) from exc
-        except _AMQP_ERRORS as exc:
-            raise _translate(exc, f"cannot declare exchange {name!r}") from exc
+        except AMQP_ERRORS as exc:
+            raise translate(exc, f"cannot declare exchange {name!r}") from exc
         self._declared_exchanges[name] = durable
         self._exchanges.add(name)
 
@@ -642,8 +267,8 @@ class AmqpBroker(Broker):
             await channel.exchange_declare(name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise BrokerError(f"cannot publish: exchange {name!r} does not exist") from None
-        except _AMQP_ERRORS as exc:
-            raise _translate(exc, f"cannot check exchange {name!r}") from exc
+        except AMQP_ERRORS as exc:
+            raise translate(exc, f"cannot check exchange {name!r}") from exc
         self._exchanges.add(name)
 
     async def publish(self, envelope: Envelope, *, routing_key: str, exchange: str = "") -> None:
@@ -678,8 +303,8 @@ class AmqpBroker(Broker):
             ) from exc
         except TypeError as exc:
             raise SerializationError(f"message properties cannot be sent over AMQP: {exc}") from exc
-        except _PUBLISH_ERRORS as exc:
-            raise _translate(exc, f"cannot publish to {exchange!r}/{routing_key!r}") from exc
+        except PUBLISH_ERRORS as exc:
+            raise translate(exc, f"cannot publish to {exchange!r}/{routing_key!r}") from exc
 
     async def publish_delayed(self, envelope: Envelope, *, queue: str, delay: float) -> bool:
         """Publish into the delay levels (see :mod:`aioqueue.brokers.delay`), declaring what
@@ -728,8 +353,8 @@ class AmqpBroker(Broker):
                 f"the delay exchanges {prefix!r} exist with other settings than requested "
                 f"(queue type {queue_type!r}); RabbitMQ says: {exc}"
             ) from exc
-        except _AMQP_ERRORS as exc:
-            raise _translate(exc, f"cannot declare the delay levels {prefix!r}") from exc
+        except AMQP_ERRORS as exc:
+            raise translate(exc, f"cannot declare the delay levels {prefix!r}") from exc
 
     def consume(
         self, queues: Sequence[str], *, prefetch: int, no_ack: bool = False

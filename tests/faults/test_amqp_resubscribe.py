@@ -13,7 +13,8 @@ import anyio
 import pytest
 from yarl import URL
 
-from aioqueue.brokers.amqp import AmqpBroker, AmqpConsumer
+from aioqueue.brokers.amqp import AmqpBroker
+from aioqueue.brokers.amqp_consumer import AmqpConsumer
 from aioqueue.brokers.base import Delivery
 from aioqueue.config import Queue, Settings
 from aioqueue.protocol import Envelope

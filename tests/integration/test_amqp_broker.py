@@ -24,7 +24,8 @@ import pytest
 from aiormq.abc import DeliveredMessage
 from yarl import URL
 
-from aioqueue.brokers.amqp import AmqpBroker, _connection_url
+from aioqueue.brokers.amqp import AmqpBroker
+from aioqueue.brokers.amqp_channel import connection_url
 from aioqueue.brokers.base import Delivery
 from aioqueue.config import Queue, Settings
 from aioqueue.exceptions import BrokerConnectionError, BrokerError
@@ -409,7 +410,7 @@ async def test_pyamqp_scheme_connects(amqp_url: str, settings: Settings) -> None
     ("amqp://", "amqp://localhost/"),
 ])
 def test_connection_url(url: str, expected: str) -> None:
-    assert str(_connection_url(url)) == expected
+    assert str(connection_url(url)) == expected
 
 
 # -- the header integer tags (celery-protocol.md section 1.7), checked on the wire ---------
