@@ -6,7 +6,7 @@ import asyncio
 import builtins
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..brokers.base import Broker
     from ..config import Settings
 
-__all__ = ("ResultStore", "cancel_and_wait", "raise_timeout")
+__all__ = ("ResultStore", "cancel_and_wait", "fail_all", "raise_timeout", "resolve")
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +117,25 @@ async def cancel_and_wait(task: asyncio.Task[Any], what: str) -> None:
             raise  # we are being cancelled ourselves, not just our child
     except Exception:
         logger.exception("%s failed", what)
+
+
+Waiter = asyncio.Future[dict[str, Any]]
+
+
+def resolve(
+    waiters: Iterable[Waiter], meta: dict[str, Any] | None, error: BaseException | None = None
+) -> None:
+    """Hand a ready record (or the error that replaces it) to every pending wait."""
+    for future in waiters:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            elif meta is not None:
+                future.set_result(meta)
+
+
+def fail_all(waiting: dict[Any, set[Waiter]], error: BaseException) -> None:
+    """Fail every pending wait of a store (closed, or its listener gave up), and forget them."""
+    for waiters in waiting.values():
+        resolve(waiters, None, error)
+    waiting.clear()

@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 from .. import states
 from ..exceptions import ConfigurationError, ResultStoreError, SerializationError
 from ..registry import mask_password
-from .base import ResultStore, cancel_and_wait, raise_timeout
+from .base import ResultStore, cancel_and_wait, fail_all, raise_timeout, resolve
 
 if TYPE_CHECKING:
     from ..brokers.base import Broker
@@ -334,19 +334,11 @@ class RedisResultStore(ResultStore):
         if futures is None:
             return
         self._queue_op(_UNSUBSCRIBE, key)
-        for future in futures:
-            if not future.done():
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(meta)  # type: ignore[arg-type]
+        resolve(futures, meta, error)
 
     def _fail_waiters(self, error: ResultStoreError) -> None:
-        waiters, self._waiters = self._waiters, {}
-        for futures in waiters.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
+        waiting, self._waiters = self._waiters, {}  # a fresh dict: callers may be iterating
+        fail_all(waiting, error)
 
     def _on_record(self, key: bytes, data: bytes | str) -> None:
         if key not in self._waiters:

@@ -31,7 +31,7 @@ from ..config import Queue
 from ..exceptions import BrokerError, ConfigurationError, ResultStoreError, SerializationError
 from ..protocol import Envelope
 from ..serialization import SERIALIZERS
-from .base import ResultStore, cancel_and_wait, raise_timeout
+from .base import ResultStore, cancel_and_wait, fail_all, raise_timeout, resolve
 
 if TYPE_CHECKING:
     from ..brokers.base import Broker, Consumer
@@ -154,19 +154,11 @@ class RpcResultStore(ResultStore):
             self._settle(task_id, meta, None)
 
     def _settle(self, task_id: str, meta: dict[str, Any] | None, error: Exception | None) -> None:
-        for future in self._waiters.pop(task_id, ()):
-            if not future.done():
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(meta)  # type: ignore[arg-type]
+        resolve(self._waiters.pop(task_id, ()), meta, error)
 
     def _fail_waiters(self, error: ResultStoreError) -> None:
-        waiters, self._waiters = self._waiters, {}
-        for futures in waiters.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
+        waiting, self._waiters = self._waiters, {}  # a fresh dict: callers may be iterating
+        fail_all(waiting, error)
 
     async def get(self, task_id: str) -> dict[str, Any] | None:
         """The latest record received for the task (None: nothing yet, i.e. PENDING)."""
