@@ -1,0 +1,153 @@
+"""Summaries, ratios, the printed table and the JSON file.
+
+For each workload and metric, every row gets the median, min and max over its successful
+repetitions, and two ratios of its median, both measured in the same run: to stock Celery's
+best pool for that metric, and to the raw aio-pika floor. A ratio is always ``value /
+reference`` in the metric's own unit, so for throughput more is better and for latency,
+memory and start-up less is better (the table header says which).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.runner import Sample
+from benchmarks.workloads import WORKLOADS, Metric
+
+
+@dataclass
+class Summary:
+    workload: str
+    metric: str
+    unit: str
+    higher_is_better: bool
+    row: str
+    system: str
+    family: str
+    samples: list[float]
+    failures: list[str]
+    median: float | None = None
+    min: float | None = None
+    max: float | None = None
+    vs_celery_best: float | None = None
+    vs_raw: float | None = None
+
+
+def _best(summaries: list[Summary], metric: Metric, family: str) -> Summary | None:
+    found = [s for s in summaries if s.family == family and s.median is not None]
+    if not found:
+        return None
+    pick = max if metric.higher_is_better else min
+    return pick(found, key=lambda s: s.median or 0.0)
+
+
+def summarize(samples: list[Sample]) -> list[Summary]:
+    out: list[Summary] = []
+    for wname, workload in WORKLOADS.items():
+        rows: dict[str, list[Sample]] = {}
+        for sample in samples:
+            if sample.workload == wname:
+                rows.setdefault(sample.row, []).append(sample)
+        for metric in workload.metrics:
+            group: list[Summary] = []
+            for row, row_samples in rows.items():
+                values = [s.metrics[metric.key] for s in row_samples
+                          if s.ok and metric.key in s.metrics]
+                first = row_samples[0]
+                summary = Summary(
+                    wname, metric.key, metric.unit, metric.higher_is_better, row,
+                    first.system, first.family, values,
+                    [s.error or "failed" for s in row_samples if not s.ok],
+                )
+                if values:
+                    summary.median = statistics.median(values)
+                    summary.min, summary.max = min(values), max(values)
+                group.append(summary)
+            celery, raw = _best(group, metric, "celery"), _best(group, metric, "raw")
+            for summary in group:
+                if summary.median is not None:
+                    if celery and celery.median:
+                        summary.vs_celery_best = summary.median / celery.median
+                    if raw and raw.median:
+                        summary.vs_raw = summary.median / raw.median
+            out.extend(group)
+    return out
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def table(summaries: list[Summary], counts: dict[str, int], repeat: int) -> str:
+    lines: list[str] = []
+    for wname, workload in WORKLOADS.items():
+        for metric in workload.metrics:
+            group = [s for s in summaries if s.workload == wname and s.metric == metric.key]
+            if not group:
+                continue
+            better = "higher" if metric.higher_is_better else "lower"
+            celery = _best(group, metric, "celery")
+            lines += [
+                "",
+                f"{workload.title}",
+                f"  {metric.label} in {metric.unit}, {better} is better; n={counts[wname]:,}, "
+                f"{repeat} repetitions; Celery best = {celery.row if celery else 'n/a'}",
+                f"  {'system':<24}{'median':>12}{'min':>12}{'max':>12}"
+                f"{'x Celery best':>15}{'x raw':>9}",
+            ]
+            for s in group:
+                d = metric.digits
+                note = f"  ({len(s.failures)} failed: {s.failures[0][:60]})" if s.failures else ""
+                lines.append(
+                    f"  {s.row:<24}{_num(s.median, d):>12}{_num(s.min, d):>12}"
+                    f"{_num(s.max, d):>12}{_ratio(s.vs_celery_best):>15}{_ratio(s.vs_raw):>9}"
+                    f"{note}"
+                )
+    return "\n".join(lines)
+
+
+def markdown(summaries: list[Summary], counts: dict[str, int], repeat: int) -> str:
+    """The same tables in Markdown, for docs/benchmarks.md."""
+    lines: list[str] = []
+    for wname, workload in WORKLOADS.items():
+        for metric in workload.metrics:
+            group = [s for s in summaries if s.workload == wname and s.metric == metric.key]
+            if not group:
+                continue
+            better = "higher" if metric.higher_is_better else "lower"
+            d = metric.digits
+            lines += [
+                "",
+                f"**{workload.title}**: {metric.label} in {metric.unit}, {better} is better "
+                f"(n = {counts[wname]:,}, {repeat} repetitions)",
+                "",
+                "| system | median | min | max | x Celery best | x raw |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for s in group:
+                name = f"**{s.row}**" if s.family == "aioqueue" else s.row
+                failed = f" ({len(s.failures)} failed)" if s.failures else ""
+                lines.append(
+                    f"| {name}{failed} | {_num(s.median, d)} | {_num(s.min, d)} | "
+                    f"{_num(s.max, d)} | {_ratio(s.vs_celery_best)} | {_ratio(s.vs_raw)} |"
+                )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, meta: dict[str, Any], samples: list[Sample],
+               summaries: list[Summary], targets: list[dict[str, Any]]) -> None:
+    data = {
+        "meta": meta,
+        "summaries": [asdict(s) for s in summaries],
+        "targets": targets,
+        "samples": [asdict(s) for s in samples],
+    }
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,97 @@
+"""The client-side driver interface every system implements, and its asyncio adapter.
+
+The workload modules measure through these five calls only, so every system is timed by the
+same code around the same calls:
+
+* ``submit(task, n, arg)`` issues ``n`` calls of one benchmark task as concurrently as the
+  system's client allows (``asyncio.gather`` for async clients; a loop for blocking clients,
+  whose calls return without waiting) and returns when every call has returned;
+* ``collect(handles, timeout)`` waits until every result of a ``submit`` has been read;
+* ``roundtrip(timeout)`` is one call plus reading its result;
+* ``start()`` / ``close()`` connect and disconnect (never timed).
+
+Task names are the same in every app: ``noop``, ``noop_sig`` (no-op, then a completion
+signal), ``sleep(seconds)`` and ``sleep_sig(seconds)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: Every wait is bounded: a stuck system fails its run instead of hanging the suite.
+DEFAULT_TIMEOUT = 300.0
+
+
+class Driver:
+    """Blocking interface the workload code calls (see the module docstring)."""
+
+    def start(self) -> None:
+        """Connect; declare what the system declares on first use."""
+
+    def submit(self, task: str, n: int, arg: float | None = None) -> list[Any]:
+        raise NotImplementedError
+
+    def collect(self, handles: list[Any], timeout: float = DEFAULT_TIMEOUT) -> None:
+        raise NotImplementedError
+
+    def roundtrip(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Disconnect."""
+
+
+class AsyncDriver(Driver):
+    """A driver written with coroutines, run on one private event loop for its whole life.
+
+    The same loop serves every call, so connections made in ``astart`` stay usable; the loop
+    only runs inside a call, which is all the workloads time.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    async def astart(self) -> None:
+        pass
+
+    async def asubmit(self, task: str, n: int, arg: float | None) -> list[Any]:
+        raise NotImplementedError
+
+    async def acollect(self, handles: list[Any], timeout: float) -> None:
+        raise NotImplementedError
+
+    async def aroundtrip(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+    def start(self) -> None:
+        self.run(self.astart())
+
+    def submit(self, task: str, n: int, arg: float | None = None) -> list[Any]:
+        return self.run(self.asubmit(task, n, arg))
+
+    def collect(self, handles: list[Any], timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.run(asyncio.wait_for(self.acollect(handles, timeout), timeout))
+
+    def roundtrip(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.run(asyncio.wait_for(self.aroundtrip(timeout), timeout))
+
+    def close(self) -> None:
+        try:
+            self.run(self.aclose())
+        finally:
+            self.loop.close()
+
+
+def task_args(task: str, arg: float | None) -> tuple[Any, ...]:
+    """Positional arguments of a benchmark task: the sleeps take their duration."""
+    return (arg,) if task.startswith("sleep") else ()
