@@ -232,6 +232,8 @@ async def test_stock_celery_client_revoke_reaches_the_listener(
 
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
     stock = Celery("stockclient", broker=amqp_url)
+    # Closed right after it publishes: with confirms the revoke is in RabbitMQ by then.
+    stock.conf.broker_transport_options = {"confirm_publish": True}
     try:
         async with listening(worker_app, hostname) as heard:
             await anyio.to_thread.run_sync(lambda: stock.control.revoke(first))

@@ -342,6 +342,9 @@ async def test_we_read_stock_celery_worker_replies(amqp_url: str, settings: Sett
         client = RpcResultStore("rpc://", settings, broker)
         await client.prepare_client()
         app = Celery("interop", broker=amqp_url, backend="rpc://")
+        # Closing a stock client right after a publish can lose it (kombu does not wait):
+        # with publisher confirms each publish returns only once RabbitMQ has it.
+        app.conf.broker_transport_options = {"confirm_publish": True}
         request = types.SimpleNamespace(
             id=task_id, reply_to=client.reply_to, correlation_id=task_id, ignore_result=False,
             group=None, chord=None, delivery_info={}, parent_id=None, root_id=None,

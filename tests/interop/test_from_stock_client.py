@@ -56,7 +56,10 @@ def stock(stock_env: dict[str, str]) -> Iterator[Any]:
     from celery import Celery
 
     app = Celery("stockclient", broker=stock_env["T_BROKER"], backend=stock_env["T_BACKEND"])
-    app.conf.update(task_default_queue=stock_env["T_QUEUE"])
+    app.conf.update(
+        task_default_queue=stock_env["T_QUEUE"],
+        broker_transport_options={"confirm_publish": True},  # nothing lost when we close it
+    )
 
     @app.task(name="interop.add", shared=False)
     def add(x: int, y: int) -> int:  # a stub: the aioqueue worker runs the real one
