@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
@@ -244,3 +244,26 @@ def immediate(conn: sqlite3.Connection) -> Iterator[None]:
         conn.rollback()
         raise
     conn.execute("COMMIT")
+
+
+def polling_options(options: Mapping[str, Any]) -> tuple[float, float]:
+    """``(polling_interval, busy_timeout)`` from transport options, with their defaults."""
+    polling = max(float(options.get("polling_interval", 0.1)), MIN_POLL_INTERVAL)
+    return polling, float(options.get("busy_timeout", 5.0))
+
+
+async def open_database(
+    path: str,
+    schema: Sequence[str],
+    *,
+    name: str,
+    busy_timeout: float,
+    error: type[Exception],
+    connect_error: type[Exception],
+) -> SqliteThread:
+    """A started ``SqliteThread`` on ``path`` with ``schema`` applied."""
+    db = SqliteThread(
+        path, name=name, busy_timeout=busy_timeout, error=error, connect_error=connect_error
+    )
+    await db.start(schema)
+    return db

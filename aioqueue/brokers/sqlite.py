@@ -61,6 +61,8 @@ from ..sqlite_db import (
     database_path,
     immediate,
     notify,
+    open_database,
+    polling_options,
     unwatch,
     watch,
 )
@@ -569,9 +571,7 @@ class SqliteBroker(Broker):
         self.path = database_path(url)
         options = settings.broker_transport_options
         self.visibility_timeout = float(options.get("visibility_timeout", 3600))
-        self.polling_interval = max(float(options.get("polling_interval", 0.1)),
-                                    MIN_POLL_INTERVAL)
-        self.busy_timeout = float(options.get("busy_timeout", 5.0))
+        self.polling_interval, self.busy_timeout = polling_options(options)
         self.consumers: set[_SqliteConsumer] = set()
         self._db: SqliteThread | None = None
 
@@ -581,14 +581,12 @@ class SqliteBroker(Broker):
         return self._db
 
     async def connect(self) -> None:
-        if self._db is not None:
-            return
-        db = SqliteThread(
-            self.path, name="aioqueue-sqlite-broker", busy_timeout=self.busy_timeout,
-            error=BrokerError, connect_error=BrokerConnectionError,
-        )
-        await db.start(_SCHEMA)
-        self._db = db
+        if self._db is None:
+            self._db = await open_database(
+                self.path, _SCHEMA, name="aioqueue-sqlite-broker",
+                busy_timeout=self.busy_timeout, error=BrokerError,
+                connect_error=BrokerConnectionError,
+            )
 
     async def close(self) -> None:
         if self._db is None:

@@ -34,10 +34,12 @@ from ..sqlite_db import (
     database_path,
     immediate,
     notify,
+    open_database,
+    polling_options,
     unwatch,
     watch,
 )
-from .base import ResultStore, raise_timeout
+from .base import ResultStore, raise_timeout, resolve
 
 if TYPE_CHECKING:
     from ..brokers.base import Broker
@@ -138,10 +140,9 @@ class SqliteResultStore(ResultStore):
     def __init__(self, url: str, settings: Settings, broker: Broker | None = None) -> None:
         super().__init__(url, settings, broker)
         self.path = database_path(url)
-        options = settings.result_backend_transport_options
-        self.polling_interval = max(float(options.get("polling_interval", 0.1)),
-                                    MIN_POLL_INTERVAL)
-        self.busy_timeout = float(options.get("busy_timeout", 5.0))
+        self.polling_interval, self.busy_timeout = polling_options(
+            settings.result_backend_transport_options
+        )
         self._db: SqliteThread | None = None
         self._waiters: dict[str, set[asyncio.Future[dict[str, Any]]]] = {}
         self._kick = asyncio.Event()
@@ -155,14 +156,12 @@ class SqliteResultStore(ResultStore):
         return self._db
 
     async def connect(self) -> None:
-        if self._db is not None:
-            return
-        db = SqliteThread(
-            self.path, name="aioqueue-sqlite-results", busy_timeout=self.busy_timeout,
-            error=ResultStoreError, connect_error=ResultStoreError,
-        )
-        await db.start(_SCHEMA)
-        self._db = db
+        if self._db is None:
+            self._db = await open_database(
+                self.path, _SCHEMA, name="aioqueue-sqlite-results",
+                busy_timeout=self.busy_timeout, error=ResultStoreError,
+                connect_error=ResultStoreError,
+            )
 
     async def close(self) -> None:
         poller, self._poller = self._poller, None
@@ -223,24 +222,17 @@ class SqliteResultStore(ResultStore):
                     del self._waiters[task_id]
 
     def _fail_waiters(self, exc: Exception) -> None:
-        for waiters in self._waiters.values():
-            for future in waiters:
-                if not future.done():
-                    future.set_exception(exc)
+        for waiters in list(self._waiters.values()):  # each wait removes itself when woken
+            resolve(waiters, None, exc)
 
     def _resolve(self, task_id: str, content_type: str, data: bytes) -> None:
         waiters = self._waiters.pop(task_id, set())
         try:
-            outcome: dict[str, Any] | Exception = self.decode(data, content_type)
-        except SerializationError as exc:
-            outcome = exc
-        for future in waiters:
-            if future.done():
-                continue
-            if isinstance(outcome, Exception):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+            meta = self.decode(data, content_type)
+        except SerializationError as exc:  # get() would raise the same: do not wait forever
+            resolve(waiters, None, exc)
+        else:
+            resolve(waiters, meta, None)
 
     async def _poll(self) -> None:
         interval = MIN_POLL_INTERVAL
