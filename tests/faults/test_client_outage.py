@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import time
 
+import aio_pika
 import anyio
 import pytest
 
 from aioqueue import AioQueue, BrokerConnectionError
 
-from ..integration.conftest import delete_queues
+from ..integration.conftest import delete_queues, ready_count
 from .proxy import tcp_proxy
 from .test_connection_faults import port_of, through
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
-
-
-async def queue_depth(amqp_url: str, queue: str) -> int:
-    import aio_pika
-
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count or 0
 
 
 async def test_delay_during_an_outage(amqp_url: str, unique: str) -> None:
@@ -52,5 +43,6 @@ async def test_delay_during_an_outage(amqp_url: str, unique: str) -> None:
         finally:
             await app.close()
     # Exactly what was confirmed is in the queue: "before" and "after", not "during".
-    assert await queue_depth(amqp_url, unique) == 2
+    async with await aio_pika.connect(amqp_url) as connection:
+        assert await ready_count(connection, unique) == 2
     await delete_queues(amqp_url, [unique])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -68,6 +69,22 @@ def with_query(url: str, option: str) -> str:
     return url + ("&" if "?" in url else "?") + option
 
 
+async def finish(
+    project: Project, worker: WorkerProcess, results: list[Any], count: int = TASKS
+) -> tuple[list[Any], bool, float]:
+    """Every result arrives, the queue is settled, and the worker is still up and stops
+    cleanly on SIGTERM. Returns the values, whether unacked messages were checked, and the
+    monotonic time the last result arrived."""
+    values = await get_all(results, timeout=45)
+    arrived = time.monotonic()
+    assert values == list(range(count))
+    checked_unacked = await assert_queue_settled(project, worker)
+    assert worker.alive, worker.tail()
+    worker.send(signal.SIGTERM)
+    assert await worker.exited(30) == 0
+    return values, checked_unacked, arrived
+
+
 async def test_broker_connection_cut_mid_run(
     project: Project, figures: dict[str, object]
 ) -> None:
@@ -86,13 +103,8 @@ async def test_broker_connection_cut_mid_run(
             # starts from now on until it is back, and what ran before may run again.
             started_before = set(project.executions())
             back = time.monotonic()
-            values = await get_all(results, timeout=45)
-            recovery = time.monotonic() - back
-            assert values == list(range(TASKS))
-            checked_unacked = await assert_queue_settled(project, worker)
-            assert worker.alive
-            worker.send(signal.SIGTERM)
-            assert await worker.exited(30) == 0
+            values, checked_unacked, arrived = await finish(project, worker, results)
+            recovery = arrived - back
         assert proxy.accepted >= 2, "the worker never reconnected through the proxy"
     assert await project.ready() == 0
 
@@ -137,13 +149,8 @@ async def test_redis_connection_cut_mid_run(
             cut, downtime = await outage(proxy, worker, "Cannot store the result", failures)
             during = sum(project.executions().values()) - before
             back = time.monotonic()
-            values = await get_all(results, timeout=45)
-            recovery = time.monotonic() - back
-            assert values == list(range(TASKS))
-            checked_unacked = await assert_queue_settled(project, worker)
-            assert worker.alive
-            worker.send(signal.SIGTERM)
-            assert await worker.exited(30) == 0
+            values, checked_unacked, arrived = await finish(project, worker, results)
+            recovery = arrived - back
         assert proxy.accepted >= 2, "the worker never reconnected through the proxy"
     assert await project.ready() == 0
 
@@ -183,13 +190,8 @@ async def test_broker_connection_flapping(project: Project, figures: dict[str, o
                     await wait_until(lambda seen=seen: proxy.accepted > seen, 30, "a reconnect",
                                      worker)
                     await anyio.sleep(pause)  # where the next cut lands, not a wait
-            values = await get_all(results, timeout=45)
-            elapsed = time.monotonic() - started
-            assert values == list(range(count))
-            checked_unacked = await assert_queue_settled(project, worker)
-            assert worker.alive, worker.tail()
-            worker.send(signal.SIGTERM)
-            assert await worker.exited(30) == 0
+            values, checked_unacked, arrived = await finish(project, worker, results, count)
+            elapsed = arrived - started
     assert await project.ready() == 0
     runs = project.executions()
     assert set(runs) == set(range(count))

@@ -56,3 +56,23 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float
             if outcome if isinstance(outcome, bool) else await outcome:
                 return
             await anyio.sleep(0.01)
+
+
+async def ready_count(connection: aio_pika.abc.AbstractConnection, queue: str) -> int:
+    """Messages ready in ``queue`` (a passive declare: RabbitMQ's own count)."""
+    async with connection.channel() as channel:
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        return count
+
+
+async def wait_ready_count(
+    connection: aio_pika.abc.AbstractConnection, queue: str, expected: int, timeout: float = 5.0
+) -> None:
+    """Poll the ready count until it is ``expected``: a queue's count has no event to wait on."""
+    count = -1
+    with anyio.move_on_after(timeout):
+        while (count := await ready_count(connection, queue)) != expected:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    assert count == expected, f"{queue}: {count} ready messages, expected {expected}"

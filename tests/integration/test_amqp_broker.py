@@ -31,6 +31,8 @@ from aioqueue.config import Queue, Settings
 from aioqueue.exceptions import BrokerConnectionError, BrokerError
 from aioqueue.protocol import Envelope
 
+from .conftest import ready_count, wait_ready_count
+
 pytestmark = pytest.mark.integration
 
 
@@ -54,19 +56,10 @@ class Rabbit:
         return name
 
     async def count(self, queue: str) -> int:
-        async with self.connection.channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
-            count = declared.declaration_result.message_count
-            assert count is not None
-            return count
+        return await ready_count(self.connection, queue)
 
     async def wait_count(self, queue: str, expected: int, timeout: float = 5.0) -> None:
-        """Poll the ready-message count until it is ``expected`` (RabbitMQ settles async)."""
-        count = -1
-        with anyio.move_on_after(timeout):
-            while (count := await self.count(queue)) != expected:  # noqa: ASYNC110
-                await anyio.sleep(0.02)  # a queue's count has no event to wait on
-        assert count == expected, f"{queue}: {count} ready messages, expected {expected}"
+        await wait_ready_count(self.connection, queue, expected, timeout)
 
     async def get(self, queue: str) -> DeliveredMessage:
         """``basic.get`` with no-ack: the message exactly as RabbitMQ hands it out."""

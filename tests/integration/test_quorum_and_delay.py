@@ -27,6 +27,8 @@ from aioqueue.protocol import Envelope
 from aioqueue.routing import declarations
 from aioqueue.worker import Worker
 
+from .conftest import ready_count, wait_ready_count
+
 pytestmark = pytest.mark.integration
 
 
@@ -40,18 +42,10 @@ class Rabbit:
         self.prefix = f"{unique}.delay"
 
     async def count(self, queue: str) -> int:
-        async with self.connection.channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
-            count = declared.declaration_result.message_count
-            assert count is not None
-            return count
+        return await ready_count(self.connection, queue)
 
     async def wait_count(self, queue: str, expected: int, timeout: float = 5.0) -> None:
-        count = -1
-        with anyio.move_on_after(timeout):
-            while (count := await self.count(queue)) != expected:  # noqa: ASYNC110
-                await anyio.sleep(0.02)  # a queue's count has no event to wait on
-        assert count == expected, f"{queue}: {count} ready messages, expected {expected}"
+        await wait_ready_count(self.connection, queue, expected, timeout)
 
     async def redeclare(self, queue: str, arguments: dict[str, Any]) -> None:
         """Declare ``queue`` again: RabbitMQ accepts it only with exactly its arguments."""

@@ -246,7 +246,7 @@ async def test_stop_wakes_a_waiting_receive(make_broker: MakeBroker) -> None:
                     await consumer.receive()
 
             tg.start_soon(waiting)
-            await anyio.sleep(0.02)  # let it start waiting
+            await anyio.wait_all_tasks_blocked()  # receive() is waiting now
             await consumer.stop()
 
 
