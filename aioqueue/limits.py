@@ -88,8 +88,11 @@ async def run_coroutine(
         timer = asyncio.get_running_loop().call_later(soft, limited.fire, task)
         awaitable = limited
     try:
-        with anyio.move_on_after(hard):
+        if hard is None:  # a soft limit alone: no cancel scope needed
             result: T = await awaitable
+            return result
+        with anyio.move_on_after(hard):
+            result = await awaitable
             return result
         raise TimeLimitExceeded(f"task exceeded its hard time limit of {hard}s")
     finally:

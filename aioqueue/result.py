@@ -87,7 +87,11 @@ class AsyncResult(Generic[R]):
         """
         meta = self._meta
         if meta is None:
-            meta = await (await self._store()).wait(self.id, timeout)
+            # Connected already (the usual case): no awaits before the wait itself.
+            store = None if self._ignored else self._app._ready_result_store()
+            if store is None:
+                store = await self._store()
+            meta = await store.wait(self.id, timeout)
             self._meta = meta
         status = meta.get("status")
         if status in states.EXCEPTION_STATES:

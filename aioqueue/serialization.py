@@ -74,8 +74,27 @@ def _wrap_uuids(value: Any) -> Any:
     return value
 
 
+def _needs_wrapping(value: Any) -> bool:
+    """Whether ``_wrap_uuids`` would change anything: a UUID somewhere, or a container
+    subclass it would copy. Walks without allocating, since most task bodies have neither."""
+    kind = type(value)
+    if kind is list or kind is tuple:
+        for item in value:
+            if not isinstance(item, _SCALARS) and _needs_wrapping(item):
+                return True
+        return False
+    if kind is dict:
+        for item in value.values():
+            if not isinstance(item, _SCALARS) and _needs_wrapping(item):
+                return True
+        return False
+    return isinstance(value, uuid.UUID | list | tuple | dict)
+
+
 def _json_dumps(obj: Any) -> bytes:
-    return orjson.dumps(_wrap_uuids(obj), default=_json_default, option=_DUMP_OPTIONS)
+    if _needs_wrapping(obj):
+        obj = _wrap_uuids(obj)
+    return orjson.dumps(obj, default=_json_default, option=_DUMP_OPTIONS)
 
 
 _ENVELOPE_DECODERS: dict[str, Callable[[Any], Any]] = {

@@ -207,6 +207,10 @@ class Task(Generic[P, R]):
         token = _current_request.set(request)
         try:
             if self.is_coroutine:
+                if time_limit is None and soft_time_limit is None:
+                    # No limit (the usual case): no limits frame, timer or cancel scope held
+                    # for as long as the task runs.
+                    return await self.run(*args, **kwargs)
                 return await limits.run_coroutine(
                     self.run(*args, **kwargs), time_limit, soft_time_limit
                 )
@@ -215,6 +219,20 @@ class Task(Generic[P, R]):
             return await limits.run_in_thread(call, time_limit, soft_time_limit, limiter)
         finally:
             _current_request.reset(token)
+
+    def start(
+        self, request: Request, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> Coroutine[Any, Any, Any]:
+        """The worker's way to run an ``async def`` task without time limits: make
+        ``request`` current and return the call's coroutine for the caller to await.
+
+        Unlike ``execute()`` nothing is reset afterwards: the worker awaits it in a task of
+        its own per message, whose context nobody else sees. Saves a coroutine frame held
+        for as long as the task runs.
+        """
+        _current_request.set(request)
+        coro: Coroutine[Any, Any, Any] = self.run(*args, **kwargs)
+        return coro
 
     def retry(
         self,

@@ -10,11 +10,13 @@ One robust connection (aio-pika reconnects it by itself) with three kinds of cha
 * one channel per consumer (:mod:`aioqueue.brokers.amqp_consumer`), so its ``basic.qos``
   prefetch applies to that consumer only.
 
-Per-message paths (publish here; deliver and ack in the consumer module) use the underlying
-aiormq channel directly, not aio-pika's ``Message`` wrappers: see the consumer module for
-why. The connection and channel plumbing, and the translation of aio-pika, aiormq
-and pamqp exceptions into ``BrokerConnectionError``/``BrokerError``, are in
-:mod:`aioqueue.brokers.amqp_channel`.
+Per-message paths use the underlying aiormq channel directly, not aio-pika's ``Message``
+wrappers (see the consumer module for why): deliver and ack in the consumer module; publish
+through :mod:`aioqueue.brokers.amqp_publisher`, which writes the messages of one loop
+iteration together (frames from :mod:`aioqueue.brokers.amqp_frames`), or through aiormq's
+``basic_publish`` if the channel lacks what that needs. The connection and channel
+plumbing, and the translation of aio-pika, aiormq and pamqp exceptions into
+``BrokerConnectionError``/``BrokerError``, are in :mod:`aioqueue.brokers.amqp_channel`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import aio_pika
 import aiormq
 import anyio
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from pamqp import commands as spec
 
 from ..exceptions import BrokerConnectionError, BrokerError, SerializationError
 from ..protocol import Envelope
@@ -44,7 +45,9 @@ from .amqp_channel import (
     translate,
 )
 from .amqp_consumer import AmqpConsumer, AmqpDelivery
+from .amqp_frames import pamqp_properties
 from .amqp_headers import use_pyamqp_compatible_field_tables
+from .amqp_publisher import ChannelPublisher
 from .base import Broker
 
 if TYPE_CHECKING:
@@ -63,6 +66,7 @@ class AmqpBroker(Broker):
         use_pyamqp_compatible_field_tables()
         self._connection: AbstractRobustConnection | None = None
         self._publish: Channel | None = None
+        self._publisher: ChannelPublisher | None = None  # for the publish channel's current one
         self._declare: Channel | None = None
         # name -> (queue, arguments), also read by consumers to re-declare after a reconnect
         self._declared: dict[str, tuple[Queue, dict[str, Any]]] = {}
@@ -166,6 +170,7 @@ class AmqpBroker(Broker):
         """Close the connection; RabbitMQ requeues every delivery not settled. Idempotent."""
         connection, self._connection = self._connection, None
         self._publish = self._declare = None
+        self._publisher = None
         self._declared.clear()
         self._exchanges.clear()
         self._declared_exchanges.clear()
@@ -282,21 +287,21 @@ class AmqpBroker(Broker):
             await self._check_exchange(exchange)
         channel = await self._publish.current(self._timeout)
         try:
-            await channel.basic_publish(
-                envelope.body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=spec.Basic.Properties(
-                    content_type=envelope.content_type or None,
-                    content_encoding=envelope.content_encoding or None,
-                    headers=envelope.headers or None,
-                    delivery_mode=envelope.delivery_mode,
-                    priority=envelope.priority,
-                    correlation_id=envelope.correlation_id,
-                    reply_to=envelope.reply_to,
-                    expiration=envelope.expiration,  # already milliseconds, as AMQP wants
-                ),
-            )
+            publisher = self._publisher
+            if publisher is None or publisher.channel is not channel:
+                if ChannelPublisher.supports(channel):
+                    publisher = self._publisher = ChannelPublisher(channel)
+                else:
+                    publisher = None
+            if publisher is not None:
+                await publisher.send(envelope, exchange=exchange, routing_key=routing_key)
+            else:
+                await channel.basic_publish(
+                    envelope.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=pamqp_properties(envelope),
+                )
         except aiormq.exceptions.DeliveryError as exc:
             raise BrokerError(
                 f"RabbitMQ refused the message for {exchange!r}/{routing_key!r} (nack)"

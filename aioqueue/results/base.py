@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from ..brokers.base import Broker
     from ..config import Settings
 
-__all__ = ("ResultStore", "cancel_and_wait", "fail_all", "raise_timeout", "resolve")
+__all__ = (
+    "ResultStore",
+    "cancel_and_wait",
+    "fail_all",
+    "raise_timeout",
+    "resolve",
+    "timeout_error",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +77,16 @@ class ResultStore(ABC):
     async def prepare_client(self) -> None:  # noqa: B027 - optional hook, most stores need none
         """Called before a client publishes its first task (the RPC store declares its queue)."""
 
+    def expect(self, task_id: str) -> None:  # noqa: B027 - optional hook, most stores need none
+        """Called just before a client publishes a task whose result it may wait for.
+
+        A store may get ready for that wait now (Redis subscribes to the result's channel),
+        so ``wait()`` costs no round trip later. Must not block and must not fail.
+        """
+
+    def unexpect(self, task_id: str) -> None:  # noqa: B027 - optional hook
+        """The publish announced by ``expect()`` failed: nothing will come."""
+
     @abstractmethod
     async def store(
         self, task_id: str, meta: dict[str, Any], *, reply_to: str | None = None
@@ -96,6 +113,11 @@ class ResultStore(ABC):
         """Delete the record."""
 
 
+def timeout_error(task_id: str, timeout: float | None) -> TimeoutError:
+    """What a wait raises when ``timeout`` passed without a ready record."""
+    return TimeoutError(f"no result for task {task_id} within {timeout} s")
+
+
 @contextmanager
 def raise_timeout(task_id: str, timeout: float | None) -> Iterator[None]:
     """``anyio.fail_after`` that raises our ``TimeoutError`` with a message naming the task."""
@@ -103,7 +125,7 @@ def raise_timeout(task_id: str, timeout: float | None) -> Iterator[None]:
         with anyio.fail_after(timeout):
             yield
     except builtins.TimeoutError:
-        raise TimeoutError(f"no result for task {task_id} within {timeout} s") from None
+        raise timeout_error(task_id, timeout) from None
 
 
 async def cancel_and_wait(task: asyncio.Task[Any], what: str) -> None:

@@ -1,15 +1,21 @@
 """The worker: consume, run coroutine tasks concurrently under a semaphore, store, acknowledge.
 
 One semaphore of ``concurrency`` permits is acquired before the next delivery is taken and
-released in one ``finally``. Plain ``def`` tasks run in worker threads, never on the loop.
-With late acknowledgement (the default) a message is acknowledged only after its result is
-stored, so a worker that dies loses nothing. On shutdown the worker stops consuming (the
-broker gets prefetched messages back), lets running tasks finish within
-``worker_shutdown_timeout``, then cancels the rest and returns their messages to the queue.
+released in one ``finally``. Each message is handled in a plain asyncio task (an anyio
+task-group child costs about 4 KiB more per message in flight), owned by ``run()``, which
+cancels and awaits whatever is left on its way out; ``revoke(terminate=True)`` cancels one of
+them and the handler tells that cancel from a shutdown's. Plain ``def`` tasks run in worker
+threads, never on the loop. With late acknowledgement (the default) a message is
+acknowledged only after its result is stored, so a worker that dies loses nothing. On
+shutdown the worker stops consuming (the broker gets prefetched messages back), lets running
+tasks finish within ``worker_shutdown_timeout``, then cancels the rest and returns their
+messages to the queue.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import dataclasses
 import logging
 import os
@@ -94,7 +100,10 @@ class Worker:
         self._tasks_scope: anyio.CancelScope | None = None
         self._thread_limiter = anyio.CapacityLimiter(self.concurrency)
         self.revoked = Revoked()  # ids to skip, from remote-control revoke commands
-        self._running: dict[str, anyio.CancelScope] = {}  # task id -> its scope, to terminate
+        self._running: dict[str, asyncio.Task[Any]] = {}  # task id -> its handler, to terminate
+        self._terminating: set[str] = set()  # ids whose handler revoke(terminate) cancelled
+        self._handlers: set[asyncio.Task[None]] = set()  # one per message being handled
+        self._shutdown_cancelled: set[asyncio.Task[None]] = set()  # cancelled by stopping
         self._store: ResultStore | None = None
 
     @property
@@ -108,8 +117,10 @@ class Worker:
         self._stop_requested = True
         if self._consume_scope is not None:
             self._consume_scope.cancel()
-        if immediate and self._tasks_scope is not None:
-            self._tasks_scope.cancel()
+        if immediate:
+            if self._tasks_scope is not None:
+                self._tasks_scope.cancel()
+            self._cancel_now()
 
     async def run(self) -> None:
         """Consume until ``stop()``; returns after running tasks finished or were requeued."""
@@ -118,46 +129,206 @@ class Worker:
         for name in self.queues:
             for spec in routing.declarations(self.app.conf, name):  # its dead-letter queue too
                 await broker.declare(spec)
-        limit = anyio.Semaphore(self.concurrency)
-        async with anyio.create_task_group() as tasks:
-            self._tasks_scope = tasks.cancel_scope
-            # Remote control first, so a revoke sent while we start is not missed.
-            await tasks.start(ControlListener(self.app, self.hostname, self.revoke).run)
-            consumer = broker.consume(self.queues, prefetch=self.prefetch)
-            await consumer.start()
-            try:
-                with anyio.CancelScope() as self._consume_scope:
-                    if self._stop_requested:
-                        self._consume_scope.cancel()
-                    self.started.set()
-                    while True:
-                        await limit.acquire()
-                        try:
-                            delivery = await consumer.receive()
-                        except BaseException:
-                            limit.release()
-                            raise
-                        self.running += 1
-                        tasks.start_soon(self._handle, delivery, limit)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await consumer.stop()
-            if self.running:
-                logger.info(
-                    "Waiting up to %ss for %d running task(s)", self.shutdown_timeout, self.running
-                )
-                with anyio.move_on_after(self.shutdown_timeout):
-                    await self._idle.wait()
-            if self.running:
-                logger.warning("Cancelling %d task(s); their messages go back", self.running)
-            tasks.cancel_scope.cancel()
+        # asyncio's semaphore, not anyio's: acquiring a free permit does not yield to the
+        # loop (anyio's always checkpoints), so the loop hands out buffered deliveries at once.
+        limit = asyncio.Semaphore(self.concurrency)
+        loop = asyncio.get_running_loop()
+        handlers = self._handlers
+        discard = handlers.discard
+        context = contextvars.Context()
+        try:
+            async with anyio.create_task_group() as tasks:
+                self._tasks_scope = tasks.cancel_scope
+                # Remote control first, so a revoke sent while we start is not missed.
+                await tasks.start(ControlListener(self.app, self.hostname, self.revoke).run)
+                consumer = broker.consume(self.queues, prefetch=self.prefetch)
+                await consumer.start()
+                try:
+                    with anyio.CancelScope() as self._consume_scope:
+                        if self._stop_requested:
+                            self._consume_scope.cancel()
+                        self.started.set()
+                        while True:
+                            await limit.acquire()
+                            try:
+                                delivery = await consumer.receive()
+                            except BaseException:
+                                limit.release()
+                                raise
+                            self.running += 1
+                            # One plain asyncio task per message, owned here (this method
+                            # cancels and awaits whatever is left): anyio's start_soon costs
+                            # several objects per task (~4 KiB with 1,000 in flight).
+                            handler = loop.create_task(self._handle(delivery, limit))
+                            handlers.add(handler)
+                            # Bound once, with a context of its own: no allocation per task.
+                            handler.add_done_callback(discard, context=context)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await consumer.stop()
+                if self.running:
+                    logger.info("Waiting up to %ss for %d running task(s)",
+                                self.shutdown_timeout, self.running)
+                    with anyio.move_on_after(self.shutdown_timeout):
+                        await self._idle.wait()
+                if self.running:
+                    logger.warning("Cancelling %d task(s); their messages go back", self.running)
+                tasks.cancel_scope.cancel()
+        finally:
+            await self._cancel_handlers()
+
+    async def _cancel_handlers(self) -> None:
+        """Cancel the handlers still running (each requeues its message) and wait for them,
+        even if this task is cancelled meanwhile (then that is raised afterwards)."""
+        self._cancel_now()
+        cancelled = False
+        handlers = self._handlers
+        with anyio.CancelScope(shield=True):  # anyio re-delivers its cancels: wait them out
+            while handlers:
+                try:
+                    await asyncio.wait(list(handlers))
+                except asyncio.CancelledError:  # a plain Task.cancel() of ours
+                    cancelled = True
+        # A handler cancelled before its first step never ran its finally.
+        self.running = 0
+        self._shutdown_cancelled.clear()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _cancel_now(self) -> None:
+        done = self._shutdown_cancelled
+        for handler in self._handlers:
+            # Once each: a second cancel would interrupt the requeue of the first.
+            if handler not in done:
+                done.add(handler)
+                handler.cancel()
 
     # -- one message ---------------------------------------------------------------------
 
-    async def _handle(self, delivery: Delivery, limit: anyio.Semaphore) -> None:
+    async def _handle(self, delivery: Delivery, limit: asyncio.Semaphore) -> None:
+        """The whole path of one message (docs/design.md, steps 1 to 10).
+
+        While the task runs, only this coroutine's frame and the task's own are held (not
+        one per step): a thousand tasks in flight hold a thousand of each.
+        """
+        permit = True  # False while an ETA is awaited without the permit
         try:
-            await self._process(delivery, limit)
-        except anyio.get_cancelled_exc_class():
+            admitted = await self._admit(delivery)
+            if admitted is None:
+                return  # settled already
+            message, task = admitted
+            del admitted  # not held for as long as the task runs
+            if message.eta is not None and message.eta > datetime.now(UTC):
+                # Wait for the ETA without the permit (the message stays unacked).
+                logger.info("Task %s[%s] received, ETA %s", message.task, message.id,
+                            message.eta)
+                permit = False
+                limit.release()
+                await asyncio.sleep((message.eta - datetime.now(UTC)).total_seconds())
+                await limit.acquire()
+                permit = True
+                if message.id in self.revoked:
+                    await self._discard_revoked(delivery, message, task)
+                    return
+                if message.expires is not None and message.expires <= datetime.now(UTC):
+                    await self._discard_expired(delivery, message, task)
+                    return
+            acks_late = task.acks_late
+            if not acks_late:
+                await delivery.ack()
+            # Checked once: the extra= dicts are built even when the record is dropped.
+            info = logger.isEnabledFor(logging.INFO)
+            if info:
+                logger.info(
+                    "Task %s[%s] received", message.task, message.id,
+                    extra={"task_id": message.id, "task_name": message.task},
+                )
+            if self.app.conf.task_track_started and not self._ignored(message, task):
+                started = {"pid": os.getpid(), "hostname": self.hostname}
+                await self._store_record(
+                    message, task, make_meta(message.id, states.STARTED, started)
+                )
+            request = Request(
+                id=message.id,
+                task=message.task,
+                args=message.args,
+                kwargs=message.kwargs,
+                retries=message.retries,
+                eta=message.eta,
+                expires=message.expires,
+                root_id=message.root_id,
+                parent_id=message.parent_id,
+                group=message.group,
+                reply_to=message.reply_to,
+                correlation_id=message.correlation_id,
+                delivery_info={
+                    "routing_key": delivery.routing_key, "priority": message.priority
+                },
+                hostname=self.hostname,
+                headers=message.headers,
+            )
+            hard, soft = self._time_limits(message, task)
+            started_at = time.perf_counter()
+            current = asyncio.current_task()
+            assert current is not None
+            task_id = message.id
+            running = self._running
+            running[task_id] = current  # revoke(terminate=True) cancels it
+            try:
+                try:
+                    if hard is None and soft is None and task.is_coroutine:
+                        # The task's own coroutine, awaited right here: no frame of
+                        # Task.execute held while it runs (see Task.start).
+                        value = await task.start(request, message.args, message.kwargs)
+                    else:
+                        value = await task.execute(
+                            request, message.args, message.kwargs, self._thread_limiter, hard,
+                            soft,
+                        )
+                except asyncio.CancelledError:
+                    if not self._terminated(task_id, current):
+                        raise
+                    raise TaskRevokedError("terminated") from None
+                finally:
+                    running.pop(task_id, None)
+                    if task_id in self._terminating:  # terminated, but the task swallowed it
+                        self._terminated(task_id, current)
+            except asyncio.CancelledError:
+                if acks_late:
+                    with anyio.CancelScope(shield=True):
+                        await delivery.reject(requeue=True)
+                logger.warning("Task %s[%s] cancelled; message requeued",
+                               message.task, message.id)
+                raise
+            except Reject as rejection:
+                logger.info("Task %s[%s] rejected: %s", message.task, message.id, rejection)
+                if acks_late:
+                    await delivery.reject(requeue=rejection.requeue)
+                return
+            except Exception as exc:
+                outcome = exc if isinstance(exc, Retry) else task.retry_for(exc, request)
+                if isinstance(outcome, Retry):
+                    await self._retry(delivery, message, task, outcome, (hard, soft))
+                else:
+                    await self._fail(message, task, outcome, time.perf_counter() - started_at)
+            else:
+                runtime = time.perf_counter() - started_at
+                embed = message.embed
+                if embed.get("callbacks") or embed.get("errbacks") or embed.get("chain"):
+                    children = await self._follow_up(
+                        message, lambda: canvas.send_callbacks(self.app, message, value)
+                    )
+                else:
+                    children = []
+                await self._store_success(message, task, value, children)
+                if info:
+                    logger.info(
+                        "Task %s[%s] succeeded in %.6fs: %r", message.task, message.id, runtime,
+                        value, extra={"task_id": message.id, "task_name": message.task},
+                    )
+            if acks_late:
+                await delivery.ack()
+        except asyncio.CancelledError:
             raise
         except Exception:
             # Never let one message stop the worker; the message goes back to the queue.
@@ -165,23 +336,28 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await delivery.reject(requeue=True)
         finally:
-            limit.release()
+            if permit:
+                limit.release()
             self.running -= 1
             if self.running == 0 and self._stop_requested:
                 self._idle.set()
 
-    async def _process(self, delivery: Delivery, limit: anyio.Semaphore) -> None:
+    async def _admit(self, delivery: Delivery) -> tuple[TaskMessage, Task[Any, Any]] | None:
+        """Steps 1 to 5 but the wait for an ETA: decode and check the message. None when it
+        was settled here (undecodable, unregistered, revoked, expired, parked in the broker).
+        """
         envelope = delivery.envelope
         try:
             message = decode_task(envelope, self.accept)
         except AioQueueError as exc:
-            task_id = envelope.headers.get("id") if isinstance(envelope.headers, dict) else None
+            headers = envelope.headers
+            task_id = headers.get("id") if isinstance(headers, dict) else None
             logger.error(
                 "Rejecting message %s: %s", task_id or "(no id)", exc,
                 extra={"task_id": task_id},
             )
             await delivery.reject(requeue=False)
-            return
+            return None
         task = self.app.tasks.get(message.task)
         if task is None:
             logger.error(
@@ -190,36 +366,33 @@ class Worker:
             )
             await self._store_exception(message, None, states.FAILURE, NotRegistered(message.task))
             await delivery.reject(requeue=False)
-            return
+            return None
         if message.id in self.revoked:
             await self._discard_revoked(delivery, message, task)
-            return
-        now = datetime.now(UTC)
-        if message.expires is not None and message.expires <= now:
-            logger.info("Task %s[%s] expired; discarded", message.task, message.id)
-            expired = TaskRevokedError("expired")
-            await self._store_exception(message, task, states.REVOKED, expired)
-            await delivery.ack()
-            return
-        if message.eta is not None and message.eta > now:
-            if await self._delay_in_broker(delivery, message, now):
-                return
-            await self._hold_until_eta(message, limit)
-            if message.id in self.revoked:
-                await self._discard_revoked(delivery, message, task)
-                return
-            if message.expires is not None and message.expires <= datetime.now(UTC):
-                expired = TaskRevokedError("expired")
-                await self._store_exception(message, task, states.REVOKED, expired)
-                await delivery.ack()
-                return
-        await self._execute(delivery, message, task)
+            return None
+        if message.expires is not None or message.eta is not None:  # else no clock read
+            now = datetime.now(UTC)
+            if message.expires is not None and message.expires <= now:
+                logger.info("Task %s[%s] expired; discarded", message.task, message.id)
+                await self._discard_expired(delivery, message, task)
+                return None
+            if (message.eta is not None and message.eta > now
+                    and await self._delay_in_broker(delivery, message, now)):
+                return None
+        return message, task
 
     async def _discard_revoked(
         self, delivery: Delivery, message: TaskMessage, task: Task[Any, Any]
     ) -> None:
         logger.info("Task %s[%s] revoked; discarded", message.task, message.id)
         await self._store_exception(message, task, states.REVOKED, TaskRevokedError("revoked"))
+        await delivery.ack()
+
+    async def _discard_expired(
+        self, delivery: Delivery, message: TaskMessage, task: Task[Any, Any]
+    ) -> None:
+        expired = TaskRevokedError("expired")
+        await self._store_exception(message, task, states.REVOKED, expired)
         await delivery.ack()
 
     async def _delay_in_broker(
@@ -242,89 +415,16 @@ class Worker:
         await delivery.ack()
         return True
 
-    async def _hold_until_eta(self, message: TaskMessage, limit: anyio.Semaphore) -> None:
-        """Wait for the ETA without holding a concurrency permit (the message stays unacked)."""
-        assert message.eta is not None
-        logger.info("Task %s[%s] received, ETA %s", message.task, message.id, message.eta)
-        limit.release()
-        try:
-            await anyio.sleep((message.eta - datetime.now(UTC)).total_seconds())
-        finally:
-            # Take the permit back even if cancelled, so the caller's release stays balanced.
-            with anyio.CancelScope(shield=True):
-                await limit.acquire()
-
-    async def _execute(
-        self, delivery: Delivery, message: TaskMessage, task: Task[Any, Any]
-    ) -> None:
-        acks_late = task.acks_late
-        if not acks_late:
-            await delivery.ack()
-        logger.info(
-            "Task %s[%s] received", message.task, message.id,
-            extra={"task_id": message.id, "task_name": message.task},
-        )
-        if self.app.conf.task_track_started and not self._ignored(message, task):
-            started = {"pid": os.getpid(), "hostname": self.hostname}
-            await self._store_record(message, task, make_meta(message.id, states.STARTED, started))
-        request = Request(
-            id=message.id,
-            task=message.task,
-            args=message.args,
-            kwargs=message.kwargs,
-            retries=message.retries,
-            eta=message.eta,
-            expires=message.expires,
-            root_id=message.root_id,
-            parent_id=message.parent_id,
-            group=message.group,
-            reply_to=message.reply_to,
-            correlation_id=message.correlation_id,
-            delivery_info={"routing_key": delivery.routing_key, "priority": message.priority},
-            hostname=self.hostname,
-            headers=message.headers,
-        )
-        hard, soft = self._time_limits(message, task)
-        started_at = time.perf_counter()
-        try:
-            with anyio.CancelScope() as running:
-                self._running[message.id] = running
-                value = await task.execute(
-                    request, message.args, message.kwargs, self._thread_limiter, hard, soft
-                )
-            if running.cancelled_caught:  # revoked with terminate=True while running
-                raise TaskRevokedError("terminated")
-        except anyio.get_cancelled_exc_class():
-            if acks_late:
-                with anyio.CancelScope(shield=True):
-                    await delivery.reject(requeue=True)
-            logger.warning("Task %s[%s] cancelled; message requeued", message.task, message.id)
-            raise
-        except Reject as rejection:
-            logger.info("Task %s[%s] rejected: %s", message.task, message.id, rejection)
-            if acks_late:
-                await delivery.reject(requeue=rejection.requeue)
-            return
-        except Exception as exc:
-            outcome = exc if isinstance(exc, Retry) else task.retry_for(exc, request)
-            if isinstance(outcome, Retry):
-                await self._retry(delivery, message, task, outcome, (hard, soft))
-            else:
-                await self._fail(message, task, outcome, time.perf_counter() - started_at)
-        else:
-            runtime = time.perf_counter() - started_at
-            children = await self._follow_up(
-                message, lambda: canvas.send_callbacks(self.app, message, value)
-            )
-            await self._store_success(message, task, value, children)
-            logger.info(
-                "Task %s[%s] succeeded in %.6fs: %r", message.task, message.id, runtime, value,
-                extra={"task_id": message.id, "task_name": message.task},
-            )
-        finally:
-            self._running.pop(message.id, None)
-        if acks_late:
-            await delivery.ack()
+    def _terminated(self, task_id: str, current: asyncio.Task[Any]) -> bool:
+        """Whether the cancellation being handled is ``revoke(terminate=True)``'s alone (then
+        it is withdrawn: the task fails as REVOKED); False for shutdown's."""
+        if task_id not in self._terminating:
+            return False
+        self._terminating.discard(task_id)
+        if current.cancelling() > 1:
+            return False  # shut down as well: the message goes back
+        current.uncancel()
+        return True
 
     def _time_limits(
         self, message: TaskMessage, task: Task[Any, Any]
@@ -406,10 +506,11 @@ class Worker:
         self.revoked.update(task_ids)
         if terminate:
             for task_id in task_ids:
-                scope = self._running.get(task_id)
-                if scope is not None:
+                handler = self._running.get(task_id)
+                if handler is not None and task_id not in self._terminating:
                     logger.warning("Terminating task %s (revoked)", task_id)
-                    scope.cancel()
+                    self._terminating.add(task_id)
+                    handler.cancel()  # _execute tells this cancel from a shutdown's
 
     # -- results -------------------------------------------------------------------------
 

@@ -8,8 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aio_pika
 import anyio
 import pytest
+import redis.asyncio as aioredis
+from aiormq.abc import DeliveredMessage
 
 from aioqueue import AioQueue
+from aioqueue.brokers.amqp import AmqpBroker
+from aioqueue.config import Settings
+from aioqueue.results.redis import RedisResultStore
 from aioqueue.worker import Worker
 
 
@@ -76,3 +81,82 @@ async def wait_ready_count(
         while (count := await ready_count(connection, queue)) != expected:  # noqa: ASYNC110
             await anyio.sleep(0.02)
     assert count == expected, f"{queue}: {count} ready messages, expected {expected}"
+
+
+class Rabbit:
+    """Outside view of RabbitMQ, and cleanup of what a test created."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractConnection, unique: str) -> None:
+        self.connection = connection
+        self.unique = unique
+        self.queues: set[str] = set()
+        self.exchanges: set[str] = set()
+
+    def name(self, suffix: str = "") -> str:
+        name = f"{self.unique}{suffix}"
+        self.queues.add(name)
+        return name
+
+    def exchange(self, suffix: str) -> str:
+        name = f"{self.unique}{suffix}"
+        self.exchanges.add(name)
+        return name
+
+    async def count(self, queue: str) -> int:
+        return await ready_count(self.connection, queue)
+
+    async def wait_count(self, queue: str, expected: int, timeout: float = 5.0) -> None:
+        await wait_ready_count(self.connection, queue, expected, timeout)
+
+    async def get(self, queue: str) -> DeliveredMessage:
+        """``basic.get`` with no-ack: the message exactly as RabbitMQ hands it out."""
+        async with self.connection.channel() as channel:
+            underlay = await channel.get_underlay_channel()
+            message = await underlay.basic_get(queue, no_ack=True)
+            assert message.delivery_tag is not None, f"{queue} is empty"
+            return message
+
+
+@pytest.fixture
+async def rabbit(amqp_url: str, unique: str) -> AsyncIterator[Rabbit]:
+    connection = await aio_pika.connect(amqp_url)
+    r = Rabbit(connection, unique)
+    yield r
+    async with connection.channel() as channel:
+        underlay = await channel.get_underlay_channel()
+        for queue in r.queues:
+            await underlay.queue_delete(queue)
+        # declare() also makes a direct exchange named after each queue, as Celery does;
+        # RabbitMQ deletes a missing exchange without complaint.
+        for exchange in r.exchanges | r.queues:
+            await underlay.exchange_delete(exchange)
+    await connection.close()
+
+
+@pytest.fixture
+async def broker(amqp_url: str, settings: Settings, rabbit: Rabbit) -> AsyncIterator[AmqpBroker]:
+    b = AmqpBroker(amqp_url, settings)
+    await b.connect()
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def raw(redis_url: str, unique: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain Redis client; at teardown it deletes every key holding this test's unique name."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"*{unique}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def store(
+    redis_url: str, settings: Settings, raw: aioredis.Redis
+) -> AsyncIterator[RedisResultStore]:
+    s = RedisResultStore(redis_url, settings)
+    await s.connect()
+    yield s
+    await s.close()

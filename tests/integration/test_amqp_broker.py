@@ -14,14 +14,11 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import anyio
 import pamqp.encode
 import pytest
-from aiormq.abc import DeliveredMessage
 from yarl import URL
 
 from aioqueue.brokers.amqp import AmqpBroker
@@ -31,67 +28,9 @@ from aioqueue.config import Queue, Settings
 from aioqueue.exceptions import BrokerConnectionError, BrokerError
 from aioqueue.protocol import Envelope
 
-from .conftest import ready_count, wait_ready_count
+from .conftest import Rabbit
 
 pytestmark = pytest.mark.integration
-
-
-class Rabbit:
-    """Outside view of RabbitMQ, and cleanup of what a test created."""
-
-    def __init__(self, connection: aio_pika.abc.AbstractConnection, unique: str) -> None:
-        self.connection = connection
-        self.unique = unique
-        self.queues: set[str] = set()
-        self.exchanges: set[str] = set()
-
-    def name(self, suffix: str = "") -> str:
-        name = f"{self.unique}{suffix}"
-        self.queues.add(name)
-        return name
-
-    def exchange(self, suffix: str) -> str:
-        name = f"{self.unique}{suffix}"
-        self.exchanges.add(name)
-        return name
-
-    async def count(self, queue: str) -> int:
-        return await ready_count(self.connection, queue)
-
-    async def wait_count(self, queue: str, expected: int, timeout: float = 5.0) -> None:
-        await wait_ready_count(self.connection, queue, expected, timeout)
-
-    async def get(self, queue: str) -> DeliveredMessage:
-        """``basic.get`` with no-ack: the message exactly as RabbitMQ hands it out."""
-        async with self.connection.channel() as channel:
-            underlay = await channel.get_underlay_channel()
-            message = await underlay.basic_get(queue, no_ack=True)
-            assert message.delivery_tag is not None, f"{queue} is empty"
-            return message
-
-
-@pytest.fixture
-async def rabbit(amqp_url: str, unique: str) -> AsyncIterator[Rabbit]:
-    connection = await aio_pika.connect(amqp_url)
-    r = Rabbit(connection, unique)
-    yield r
-    async with connection.channel() as channel:
-        underlay = await channel.get_underlay_channel()
-        for queue in r.queues:
-            await underlay.queue_delete(queue)
-        # declare() also makes a direct exchange named after each queue, as Celery does;
-        # RabbitMQ deletes a missing exchange without complaint.
-        for exchange in r.exchanges | r.queues:
-            await underlay.exchange_delete(exchange)
-    await connection.close()
-
-
-@pytest.fixture
-async def broker(amqp_url: str, settings: Settings, rabbit: Rabbit) -> AsyncIterator[AmqpBroker]:
-    b = AmqpBroker(amqp_url, settings)
-    await b.connect()
-    yield b
-    await b.close()
 
 
 def envelope(body: bytes = b"[[], {}, {}]", **fields: Any) -> Envelope:

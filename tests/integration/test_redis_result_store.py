@@ -35,27 +35,6 @@ VECTOR = json.loads(
 )
 
 
-@pytest.fixture
-async def raw(redis_url: str, unique: str) -> AsyncIterator[aioredis.Redis]:
-    """A plain client; at teardown it deletes every key holding this test's unique name."""
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"*{unique}*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
-@pytest.fixture
-async def store(
-    redis_url: str, settings: Settings, raw: aioredis.Redis
-) -> AsyncIterator[RedisResultStore]:
-    s = RedisResultStore(redis_url, settings)
-    await s.connect()
-    yield s
-    await s.close()
-
-
 def new_id(unique: str) -> str:
     return f"{unique}-{uuid.uuid4()}"
 

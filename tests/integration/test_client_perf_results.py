@@ -1,0 +1,267 @@
+"""Waiting for Redis results the cheap way, against the real Redis (db 12).
+
+* waits behave the same on RESP2 and RESP3 connections (keys read on a pooled connection
+  after the subscription is confirmed, or on the pub/sub connection behind the SUBSCRIBE);
+* ``expect()`` (a task being sent) subscribes at once; a record that arrives before the
+  wait is kept and handed to it, a record stored before the subscription is read; channels
+  are let go when the record arrives, when the send fails, on ``forget()``, and past the
+  bounds; after a reconnect they are subscribed and read again;
+* timeouts and cancellations leave no waiter and no subscription behind;
+* ``delay()`` subscribes while it publishes once the app's store listens.
+
+Records kept for a wait are told apart from reads by deleting the key before the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from aioqueue import AioQueue, exceptions
+from aioqueue.config import Settings
+from aioqueue.meta import make_meta
+from aioqueue.results import redis_listener
+from aioqueue.results.redis import RedisResultStore
+
+from .conftest import delete_queues, eventually
+from .test_redis_result_store import new_id, pubsub_connection_id, until_numsub, until_subscribed
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=[3, 2], ids=["resp3", "resp2"])
+async def store(
+    request: pytest.FixtureRequest, redis_url: str, raw: aioredis.Redis
+) -> AsyncIterator[RedisResultStore]:
+    s = RedisResultStore(f"{redis_url}?protocol={request.param}", Settings())
+    await s.connect()
+    yield s
+    await s.close()
+
+
+async def listening(store: RedisResultStore, unique: str) -> None:
+    """Start the store's listener the way a client does: by waiting once."""
+    task_id = new_id(unique)
+    await store.store(task_id, make_meta(task_id, "SUCCESS", 0))
+    await store.wait(task_id, timeout=5)
+
+
+async def kept(store: RedisResultStore, raw: aioredis.Redis, task_id: str) -> None:
+    """Wait until the record of ``task_id`` arrived and was kept (its channel let go), then
+    delete the key: only the kept copy can answer a wait after this."""
+    await until_numsub(raw, store.key_for(task_id), 0)
+    await raw.delete(store.key_for(task_id))
+
+
+async def test_waits_on_either_protocol(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    before, during, joined = new_id(unique), new_id(unique), new_id(unique)
+    await store.store(before, make_meta(before, "SUCCESS", 1))
+    assert (await store.wait(before, timeout=5))["result"] == 1
+    assert store._waiting._inline == store.url.endswith("protocol=3")  # keys read in-line
+    waiting = asyncio.create_task(store.wait(during, timeout=5))
+    await until_subscribed(raw, store.key_for(during))
+    await raw.publish(store.key_for(during), store.encode(make_meta(during, "SUCCESS", 2)))
+    assert (await waiting)["result"] == 2
+    # A wait joining a subscribed channel reads the key again (written without a message).
+    first = asyncio.create_task(store.wait(joined, timeout=5))
+    await until_subscribed(raw, store.key_for(joined))
+    await raw.set(store.key_for(joined), store.encode(make_meta(joined, "SUCCESS", 3)))
+    assert (await store.wait(joined, timeout=5))["result"] == (await first)["result"] == 3
+    many = [new_id(unique) for _ in range(500)]
+    waits = [asyncio.create_task(store.wait(i, timeout=10)) for i in many]
+    await asyncio.gather(*(store.store(i, make_meta(i, "SUCCESS", n)) for n, i in enumerate(many)))
+    assert [m["result"] for m in await asyncio.gather(*waits)] == list(range(500))
+
+
+async def test_a_record_arriving_before_the_wait_is_kept_for_it(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    await listening(store, unique)
+    task_id = new_id(unique)
+    store.expect(task_id)
+    await until_subscribed(raw, store.key_for(task_id))
+    await store.store(task_id, make_meta(task_id, "STARTED", None))  # not ready: still held
+    await store.store(task_id, make_meta(task_id, "SUCCESS", 7))
+    await kept(store, raw, task_id)
+    assert (await store.wait(task_id, timeout=5))["result"] == 7
+    # Handed out once: a second wait finds nothing.
+    with pytest.raises(exceptions.TimeoutError):
+        await store.wait(task_id, timeout=0.2)
+
+
+async def test_a_record_stored_before_the_subscription_is_read(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    await listening(store, unique)
+    task_id = new_id(unique)
+    await store.store(task_id, make_meta(task_id, "FAILURE", {"exc_type": "KeyError"}))
+    store.expect(task_id)  # subscribes; the read behind it finds the record
+    await kept(store, raw, task_id)
+    assert (await store.wait(task_id, timeout=5))["status"] == "FAILURE"
+
+
+async def test_a_wait_takes_over_an_expected_channel(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    await listening(store, unique)
+    task_id = new_id(unique)
+    store.expect(task_id)
+    await until_subscribed(raw, store.key_for(task_id))
+    waiting = asyncio.create_task(store.wait(task_id, timeout=5))
+    key = store.key_for(task_id).encode()
+    await eventually(lambda: key in store._waiting.waiters)  # the wait took the channel over
+    await store.store(task_id, make_meta(task_id, "SUCCESS", 8))
+    assert (await waiting)["result"] == 8
+    await until_numsub(raw, store.key_for(task_id), 0)
+
+
+async def test_expect_does_nothing_until_the_store_has_waited(
+    redis_url: str, raw: aioredis.Redis, unique: str
+) -> None:
+    async with RedisResultStore(redis_url, Settings()) as store:
+        task_id = new_id(unique)
+        store.expect(task_id)
+        # Nothing to wait for: no listener was started, and nothing was queued for one.
+        assert store._listener is None
+        assert not store._waiting._ops and not store._waiting._expected
+        [(_, subscribers)] = await raw.pubsub_numsub(store.key_for(task_id))
+        assert subscribers == 0
+
+
+async def test_unexpect_and_forget_let_go(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    await listening(store, unique)
+    failed, forgotten = new_id(unique), new_id(unique)
+    store.expect(failed)
+    await until_subscribed(raw, store.key_for(failed))
+    store.unexpect(failed)
+    await until_numsub(raw, store.key_for(failed), 0)
+    store.expect(forgotten)
+    await until_subscribed(raw, store.key_for(forgotten))
+    await store.store(forgotten, make_meta(forgotten, "SUCCESS", 1))
+    await until_numsub(raw, store.key_for(forgotten), 0)
+    await store.forget(forgotten)
+    with pytest.raises(exceptions.TimeoutError):
+        await store.wait(forgotten, timeout=0.2)
+
+
+async def test_kept_records_and_expected_channels_are_bounded(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_listener, "EXPECTED", 5)
+    monkeypatch.setattr(redis_listener, "KEPT", 3)
+    await listening(store, unique)
+    ids = [new_id(unique) for _ in range(8)]
+    for task_id in ids:
+        store.expect(task_id)
+    for task_id in ids[3:]:
+        await until_subscribed(raw, store.key_for(task_id))
+    for task_id in ids[:3]:  # the oldest were let go
+        await until_numsub(raw, store.key_for(task_id), 0)
+    for n, task_id in enumerate(ids[3:]):
+        await store.store(task_id, make_meta(task_id, "SUCCESS", n))
+        await until_numsub(raw, store.key_for(task_id), 0)
+    # Three kept (the newest); the two older ones are read from Redis by their waits.
+    assert list(store._waiting._kept) == [store.key_for(i).encode() for i in ids[5:]]
+    assert [(await store.wait(i, timeout=5))["result"] for i in ids[3:]] == list(range(5))
+    for task_id in ids[6:]:
+        await raw.delete(store.key_for(task_id))
+    with pytest.raises(exceptions.TimeoutError):
+        await store.wait(ids[6], timeout=0.2)  # handed out already
+
+
+async def test_expected_channels_are_subscribed_and_read_again_after_a_reconnect(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    await listening(store, unique)
+    task_id = new_id(unique)
+    key = store.key_for(task_id)
+    store.expect(task_id)
+    await until_subscribed(raw, key)
+    # Lands without a message, then the connection dies: only a read after reconnecting
+    # finds it.
+    await raw.set(key, store.encode(make_meta(task_id, "SUCCESS", 5)))
+    await raw.client_kill_filter(_id=await pubsub_connection_id(raw, store))
+    await until_subscribed(raw, key)  # subscribed again
+    await kept(store, raw, task_id)
+    assert (await store.wait(task_id, timeout=5))["result"] == 5
+
+
+async def test_timeouts_and_cancellations_leave_nothing_behind(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    await listening(store, unique)
+    task_id = new_id(unique)
+    with pytest.raises(exceptions.TimeoutError) as info:
+        await store.wait(task_id, timeout=0.1)
+    assert isinstance(info.value, builtins.TimeoutError)
+    assert str(info.value) == f"no result for task {task_id} within 0.1 s"
+    waiting = asyncio.create_task(store.wait(task_id, timeout=30))
+    await until_subscribed(raw, store.key_for(task_id))
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert store._waiting.waiters == {}
+    await until_numsub(raw, store.key_for(task_id), 0)
+    # A record that comes now is nobody's: not kept.
+    await store.store(task_id, make_meta(task_id, "SUCCESS", 1))
+    assert store._waiting.take_kept(store.key_for(task_id).encode()) is None
+
+
+async def test_expect_subscribes_in_the_next_loop_iteration(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    # The SUBSCRIBE waits one loop iteration, so the publish queued right after expect()
+    # is written first; the expects of one iteration still share the write.
+    await listening(store, unique)
+    # The first wait's UNSUBSCRIBE (held up to UNSUBSCRIBE_DELAY for company) is out.
+    await eventually(lambda: not store._waiting._ops and not store._waiting._ops_ready.is_set())
+    ids = [new_id(unique) for _ in range(3)]
+    for task_id in ids:
+        store.expect(task_id)
+    assert not store._waiting._ops_ready.is_set()
+    await asyncio.sleep(0)
+    assert store._waiting._ops_ready.is_set() or not store._waiting._ops
+    for task_id in ids:
+        await until_subscribed(raw, store.key_for(task_id))
+
+
+async def test_delay_subscribes_while_it_publishes(
+    amqp_url: str, redis_url: str, raw: aioredis.Redis, unique: str
+) -> None:
+    app = AioQueue("perf", broker=amqp_url, backend=redis_url, task_default_queue=unique)
+
+    @app.task(name=f"{unique}.noop")
+    async def noop() -> None:
+        return None
+
+    @app.task(name=f"{unique}.quiet", ignore_result=True)
+    async def quiet() -> None:
+        return None
+
+    try:
+        store = await app.get_result_store()
+        assert isinstance(store, RedisResultStore)
+        await listening(store, unique)
+        result = await noop.delay()
+        await until_subscribed(raw, store.key_for(result.id))
+        await store.store(result.id, make_meta(result.id, "SUCCESS", 42))  # as a worker would
+        await kept(store, raw, result.id)
+        assert await result.get(timeout=5) == 42
+        ignored = await quiet.delay()
+        failed = new_id(unique)
+        with pytest.raises(exceptions.BrokerError):
+            await noop.apply_async(task_id=failed, exchange=f"{unique}-missing")
+        for task_id in (ignored.id, failed):  # an UNSUBSCRIBE may wait a moment for company
+            await until_numsub(raw, store.key_for(task_id), 0)
+        await eventually(lambda: not store._waiting._expected)
+    finally:
+        await app.close()
+        await delete_queues(amqp_url, [unique])
