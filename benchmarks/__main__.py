@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.list:
         for name, system in SYSTEMS.items():
-            print(f"system   {name:<16} {system.label}")
+            print(f"system   {name:<20} {system.label}")
         for name, workload in WORKLOADS.items():
-            print(f"workload {name:<16} n={workload.default_n:<7,} {workload.title}")
+            print(f"workload {name:<20} n={workload.default_n:<7,} {workload.title}")
         return 0
     if args.repeat < 1:
         raise SystemExit("--repeat must be at least 1")

@@ -3,13 +3,18 @@
 Each worker starts in a session of its own, so its process group holds exactly the worker
 and the children it forks (Celery's prefork pool, Dramatiq's and taskiq's worker processes);
 stopping signals that group and nothing else: SIGTERM, then SIGKILL after a grace period.
+On Linux a worker also gets SIGTERM when the runner itself dies (killed by a test timeout,
+say), so no worker outlives the run that started it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +25,19 @@ except ImportError:  # pragma: no cover - depends on the environment
     psutil = None
 
 MIB = 1024 * 1024
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> object:
+    """A ``preexec_fn`` asking the kernel to SIGTERM the child when its parent dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+
+    def arm() -> None:  # runs in the child between fork and exec: nothing but the call
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+    return arm
 
 
 class WorkerProcess:
@@ -44,6 +62,7 @@ class WorkerProcess:
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_parent_death_signal(),  # type: ignore[arg-type]
             )
 
     def exited(self) -> int | None:

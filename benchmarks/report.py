@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.runner import Sample
-from benchmarks.workloads import WORKLOADS, Metric
+from benchmarks.workloads import WORKLOADS, Metric, Workload
 
 
 @dataclass
@@ -86,60 +87,100 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def table(summaries: list[Summary], counts: dict[str, int], repeat: int) -> str:
-    lines: list[str] = []
+def _groups(summaries: list[Summary]) -> Iterator[tuple[str, Workload, Metric, list[Summary]]]:
+    """Each (workload, metric) of the run with its rows, in the suite's order."""
     for wname, workload in WORKLOADS.items():
         for metric in workload.metrics:
             group = [s for s in summaries if s.workload == wname and s.metric == metric.key]
-            if not group:
+            if group:
+                yield wname, workload, metric, group
+
+
+def table(summaries: list[Summary], counts: dict[str, int], repeat: int) -> str:
+    lines: list[str] = []
+    for wname, workload, metric, group in _groups(summaries):
+        better = "higher" if metric.higher_is_better else "lower"
+        celery = _best(group, metric, "celery")
+        lines += [
+            "",
+            f"{workload.title}",
+            f"  {metric.label} in {metric.unit}, {better} is better; n={counts[wname]:,}, "
+            f"{repeat} repetitions; Celery best = {celery.row if celery else 'n/a'}",
+            f"  {'system':<24}{'median':>12}{'min':>12}{'max':>12}"
+            f"{'x Celery best':>15}{'x raw':>9}",
+        ]
+        for s in group:
+            d = metric.digits
+            note = f"  ({len(s.failures)} failed: {s.failures[0][:60]})" if s.failures else ""
+            lines.append(
+                f"  {s.row:<24}{_num(s.median, d):>12}{_num(s.min, d):>12}"
+                f"{_num(s.max, d):>12}{_ratio(s.vs_celery_best):>15}{_ratio(s.vs_raw):>9}"
+                f"{note}"
+            )
+    return "\n".join(lines + _scaling_lines(summaries, markdown=False))
+
+
+#: (one-process row, two-process row) pairs whose throughput ratio shows the second core.
+SCALING_PAIRS = (("aioqueue", "aioqueue-p2"), ("aioqueue-uvloop", "aioqueue-uvloop-p2"),
+                 ("dramatiq", "dramatiq-p2"))
+
+
+def scaling(summaries: list[Summary]) -> list[tuple[str, str, str, float, float]]:
+    """(workload, one-process row, two-process row, its median, their ratio) for throughputs."""
+    found = []
+    for wname, workload in WORKLOADS.items():
+        for metric in workload.metrics:
+            if not metric.higher_is_better:
                 continue
-            better = "higher" if metric.higher_is_better else "lower"
-            celery = _best(group, metric, "celery")
-            lines += [
-                "",
-                f"{workload.title}",
-                f"  {metric.label} in {metric.unit}, {better} is better; n={counts[wname]:,}, "
-                f"{repeat} repetitions; Celery best = {celery.row if celery else 'n/a'}",
-                f"  {'system':<24}{'median':>12}{'min':>12}{'max':>12}"
-                f"{'x Celery best':>15}{'x raw':>9}",
-            ]
-            for s in group:
-                d = metric.digits
-                note = f"  ({len(s.failures)} failed: {s.failures[0][:60]})" if s.failures else ""
-                lines.append(
-                    f"  {s.row:<24}{_num(s.median, d):>12}{_num(s.min, d):>12}"
-                    f"{_num(s.max, d):>12}{_ratio(s.vs_celery_best):>15}{_ratio(s.vs_raw):>9}"
-                    f"{note}"
-                )
-    return "\n".join(lines)
+            medians = {s.row: s.median for s in summaries
+                       if s.workload == wname and s.metric == metric.key and s.median}
+            for one, two in SCALING_PAIRS:
+                if one in medians and two in medians:
+                    found.append((wname, one, two, medians[two] or 0.0,
+                                  (medians[two] or 0.0) / (medians[one] or 1.0)))
+    return found
+
+
+def _scaling_lines(summaries: list[Summary], *, markdown: bool) -> list[str]:
+    rows = scaling(summaries)
+    if not rows:
+        return []
+    title = "From 1 to 2 processes (same run): throughput of the 2-process row / the 1-process row"
+    if markdown:
+        lines = ["", f"**{title}**", "", "| workload | 1 process | 2 processes | median | gain |",
+                 "|---|---|---|---:|---:|"]
+        lines += [f"| {w} | {one} | {two} | {_num(v, 0)} | {r:.2f}x |"
+                  for w, one, two, v, r in rows]
+        return lines
+    lines = ["", title, f"  {'workload':<16}{'1 process':<20}{'2 processes':<22}{'median':>10}"
+             f"{'gain':>8}"]
+    lines += [f"  {w:<16}{one:<20}{two:<22}{_num(v, 0):>10}{r:>7.2f}x"
+              for w, one, two, v, r in rows]
+    return lines
 
 
 def markdown(summaries: list[Summary], counts: dict[str, int], repeat: int) -> str:
     """The same tables in Markdown, for docs/benchmarks.md."""
     lines: list[str] = []
-    for wname, workload in WORKLOADS.items():
-        for metric in workload.metrics:
-            group = [s for s in summaries if s.workload == wname and s.metric == metric.key]
-            if not group:
-                continue
-            better = "higher" if metric.higher_is_better else "lower"
-            d = metric.digits
-            lines += [
-                "",
-                f"**{workload.title}**: {metric.label} in {metric.unit}, {better} is better "
-                f"(n = {counts[wname]:,}, {repeat} repetitions)",
-                "",
-                "| system | median | min | max | x Celery best | x raw |",
-                "|---|---:|---:|---:|---:|---:|",
-            ]
-            for s in group:
-                name = f"**{s.row}**" if s.family == "aioqueue" else s.row
-                failed = f" ({len(s.failures)} failed)" if s.failures else ""
-                lines.append(
-                    f"| {name}{failed} | {_num(s.median, d)} | {_num(s.min, d)} | "
-                    f"{_num(s.max, d)} | {_ratio(s.vs_celery_best)} | {_ratio(s.vs_raw)} |"
-                )
-    return "\n".join(lines)
+    for wname, workload, metric, group in _groups(summaries):
+        better = "higher" if metric.higher_is_better else "lower"
+        d = metric.digits
+        lines += [
+            "",
+            f"**{workload.title}**: {metric.label} in {metric.unit}, {better} is better "
+            f"(n = {counts[wname]:,}, {repeat} repetitions)",
+            "",
+            "| system | median | min | max | x Celery best | x raw |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for s in group:
+            name = f"**{s.row}**" if s.family == "aioqueue" else s.row
+            failed = f" ({len(s.failures)} failed)" if s.failures else ""
+            lines.append(
+                f"| {name}{failed} | {_num(s.median, d)} | {_num(s.min, d)} | "
+                f"{_num(s.max, d)} | {_ratio(s.vs_celery_best)} | {_ratio(s.vs_raw)} |"
+            )
+    return "\n".join(lines + _scaling_lines(summaries, markdown=True))
 
 
 def write_json(path: Path, meta: dict[str, Any], samples: list[Sample],

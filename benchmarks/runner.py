@@ -84,6 +84,8 @@ class Runner:
             workload = WORKLOADS[wname]
             for sname in self.config.systems:
                 system = SYSTEMS[sname]
+                if wname in system.skip:
+                    continue
                 rows = system.enqueue_variants() if wname == "enqueue" else [(sname, {})]
                 for row, options in rows:
                     if (wname, row) not in seen:  # Celery's enqueue rows: once, not per pool

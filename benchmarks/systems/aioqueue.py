@@ -1,4 +1,11 @@
-"""aioqueue adapter: one worker process, ``-c 1000`` coroutines, clients ``await delay()``.
+"""aioqueue adapters: ``-c 1000`` coroutines in one or two worker processes, on the standard
+asyncio loop or on uvloop; clients ``await delay()``.
+
+Four configurations, so that each effect shows on its own: ``aioqueue`` (one process, plain
+asyncio: what ``pip install aioqueue`` runs; the targets are checked on it), ``aioqueue-p2``
+(``--processes 2``, each process 500 of the 1,000 slots: how throughput grows with a second
+core), ``aioqueue-uvloop`` and ``aioqueue-uvloop-p2`` (``aioqueue[uvloop]``, worker
+``--loop uvloop`` and the client on uvloop too, as under uvicorn).
 
 Fairness: the client issues calls with ``asyncio.gather`` and reads results with
 ``asyncio.gather(r.get())``, the documented way; ``delay()`` returns only after RabbitMQ
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.common import ASYNC_CONCURRENCY, Context
@@ -17,11 +25,15 @@ from benchmarks.systems.base import AsyncDriver, task_args
 from benchmarks.systems.spec import System
 
 
-def worker_argv(ctx: Context) -> list[str]:
-    return [
-        sys.executable, "-m", "aioqueue.worker", "-A", "benchmarks.apps.aioqueue_app:app",
-        "-c", str(ASYNC_CONCURRENCY), "-Q", ctx.queue, "-n", f"{ctx.queue}@%h", "-l", "WARNING",
-    ]
+def _worker_argv(processes: int, loop: str) -> Callable[[Context], list[str]]:
+    def argv(ctx: Context) -> list[str]:
+        return [
+            sys.executable, "-m", "aioqueue.worker", "-A", "benchmarks.apps.aioqueue_app:app",
+            "-c", str(ASYNC_CONCURRENCY), "-Q", ctx.queue, "-n", f"{ctx.queue}@%h",
+            "-l", "WARNING", "--processes", str(processes), "--loop", loop,
+        ]
+
+    return argv
 
 
 class Driver(AsyncDriver):
@@ -47,10 +59,24 @@ class Driver(AsyncDriver):
         await self.app.close()
 
 
-SYSTEMS = [
-    System(
-        name="aioqueue", label="aioqueue (-c 1000)", family="aioqueue",
-        worker_argv=worker_argv, driver=Driver, requires=("aioqueue",),
+class UvloopDriver(Driver):
+    use_uvloop = True
+
+
+def _system(name: str, label: str, processes: int, uvloop: bool) -> System:
+    return System(
+        name=name, label=label, family="aioqueue",
+        worker_argv=_worker_argv(processes, "uvloop" if uvloop else "asyncio"),
+        driver=UvloopDriver if uvloop else Driver,
+        requires=("aioqueue", "uvloop") if uvloop else ("aioqueue",),
         queues=lambda ctx: [ctx.queue], exchanges=lambda ctx: [ctx.queue],
-    ),
+        skip=("enqueue",) if processes > 1 else (),
+    )
+
+
+SYSTEMS = [
+    _system("aioqueue", "aioqueue (-c 1000, 1 process, asyncio loop)", 1, False),
+    _system("aioqueue-p2", "aioqueue (-c 1000, --processes 2, asyncio loop)", 2, False),
+    _system("aioqueue-uvloop", "aioqueue (-c 1000, 1 process, uvloop)", 1, True),
+    _system("aioqueue-uvloop-p2", "aioqueue (-c 1000, --processes 2, uvloop)", 2, True),
 ]

@@ -52,8 +52,16 @@ class AsyncDriver(Driver):
     only runs inside a call, which is all the workloads time.
     """
 
+    #: Run on uvloop instead of the standard loop (a system's uvloop variant sets this).
+    use_uvloop = False
+
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        if self.use_uvloop:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)

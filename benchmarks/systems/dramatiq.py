@@ -4,12 +4,14 @@ Fairness: Dramatiq's ``send()`` does not wait for a publisher confirm by default
 (``confirm_delivery=False``), so its enqueue rate is not comparable to a confirmed
 ``delay()``; the table says so. Its blocking result wait (``BRPOPLPUSH``) is push-based, so
 results are read one after the other with ``get_result(block=True)``, which returns as soon as
-each is there. One process like the asyncio workers (Dramatiq defaults to one per CPU).
+each is there. One process like the asyncio workers (Dramatiq defaults to one per CPU);
+``dramatiq-p2`` runs two, to set beside ``aioqueue-p2``.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.common import Context
@@ -20,11 +22,14 @@ from benchmarks.systems.spec import System
 THREADS = 64
 
 
-def worker_argv(ctx: Context) -> list[str]:
-    return [
-        sys.executable, "-m", "dramatiq", "benchmarks.apps.dramatiq_app",
-        "--processes", "1", "--threads", str(THREADS), "--queues", ctx.queue,
-    ]
+def _worker_argv(processes: int) -> Callable[[Context], list[str]]:
+    def argv(ctx: Context) -> list[str]:
+        return [
+            sys.executable, "-m", "dramatiq", "benchmarks.apps.dramatiq_app",
+            "--processes", str(processes), "--threads", str(THREADS), "--queues", ctx.queue,
+        ]
+
+    return argv
 
 
 class Driver(BaseDriver):
@@ -51,10 +56,16 @@ class Driver(BaseDriver):
         self.broker.close()
 
 
-SYSTEMS = [
-    System(
-        name="dramatiq", label=f"Dramatiq (1 process x {THREADS} threads)", family="peer",
-        worker_argv=worker_argv, driver=Driver, requires=("dramatiq", "pika"),
+def _system(name: str, processes: int) -> System:
+    return System(
+        name=name, label=f"Dramatiq ({processes} x {THREADS} threads)",
+        family="peer", worker_argv=_worker_argv(processes), driver=Driver,
+        requires=("dramatiq", "pika"),
         queues=lambda ctx: [ctx.queue, f"{ctx.queue}.DQ", f"{ctx.queue}.XQ"],
-    ),
-]
+        skip=("enqueue",) if processes > 1 else (),
+    )
+
+
+# The two-process row is there because aioqueue is also measured with --processes 2: a
+# second core is compared with a second core (each Dramatiq process gets its 64 threads).
+SYSTEMS = [_system("dramatiq", 1), _system("dramatiq-p2", 2)]

@@ -25,6 +25,9 @@ class System:
     enqueue_rows: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     #: Modules the worker and client import; checked before a run starts.
     requires: tuple[str, ...] = ()
+    #: Workloads not run: they would repeat another row (enqueue runs no worker, so a
+    #: two-process row would measure the same client as its one-process row).
+    skip: tuple[str, ...] = ()
 
     def enqueue_variants(self) -> list[tuple[str, dict[str, str]]]:
         if not self.enqueue_rows:
