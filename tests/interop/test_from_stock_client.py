@@ -6,6 +6,7 @@ import asyncio
 import gc
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import anyio
@@ -69,8 +70,17 @@ def stock(stock_env: dict[str, str]) -> Iterator[Any]:
     def mul(x: int, y: int) -> int:
         raise NotImplementedError
 
-    yield app
-    close_stock_client(app)
+    # Celery's backend (with its sockets) is per thread: every stock call runs on this one
+    # thread, which closes what it opened before it ends (see blocking()).
+    thread = ThreadPoolExecutor(1, thread_name_prefix="stock-client")
+    _stock_threads.append(thread)
+    try:
+        yield app
+    finally:
+        _stock_threads.remove(thread)
+        thread.submit(close_stock_client, app).result(timeout=30)
+        thread.shutdown(wait=True)
+        close_stock_client(app)  # and the main thread's, then what the thread left to the GC
 
 
 def close_stock_client(app: Any) -> None:
@@ -90,9 +100,14 @@ def close_stock_client(app: Any) -> None:
         gc.collect()
 
 
+# The thread of the current test's stock client (a list so the fixture can set it).
+_stock_threads: list[ThreadPoolExecutor] = []
+
+
 async def blocking(call: Callable[[], T]) -> T:
-    """Celery's client API blocks: run it in a thread, off the loop the worker runs on."""
-    return await anyio.to_thread.run_sync(call)
+    """Celery's client API blocks: run it on the stock client's thread, off the loop the
+    worker runs on."""
+    return await asyncio.get_running_loop().run_in_executor(_stock_threads[-1], call)
 
 
 async def test_delay_apply_async_send_task(our_worker: AioQueue, stock: Any) -> None:
