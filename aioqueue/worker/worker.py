@@ -212,6 +212,7 @@ class Worker:
         one per step): a thousand tasks in flight hold a thousand of each.
         """
         permit = True  # False while an ETA is awaited without the permit
+        early_ack: asyncio.Task[None] | None = None
         try:
             admitted = await self._admit(delivery)
             if admitted is None:
@@ -235,7 +236,10 @@ class Worker:
                     return
             acks_late = task.acks_late
             if not acks_late:
-                await delivery.ack()
+                # Sent while the task starts, not awaited first: the task's first step runs
+                # before the ack can leave, so a worker killed in between has at least
+                # started what RabbitMQ forgets (awaited in the finally below).
+                early_ack = asyncio.ensure_future(delivery.ack())
             # Checked once: the extra= dicts are built even when the record is dropped.
             info = logger.isEnabledFor(logging.INFO)
             if info:
@@ -336,6 +340,8 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await delivery.reject(requeue=True)
         finally:
+            if early_ack is not None:
+                await _settled(early_ack)
             if permit:
                 limit.release()
             self.running -= 1
@@ -589,3 +595,14 @@ class Worker:
             parent_id=message.parent_id,
         )
         await self._store_record(message, task, meta)
+
+
+async def _settled(ack: asyncio.Task[None]) -> None:
+    """Wait for an early ack started by ``_handle``, even while being cancelled; its
+    failure is logged (the message may then be delivered again)."""
+    if not ack.done():
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([ack])
+    if not ack.cancelled() and (exc := ack.exception()) is not None:
+        logger.error("acknowledging a message failed: %s", exc)
+
