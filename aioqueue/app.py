@@ -348,7 +348,8 @@ class AioQueue:
         then the app's settings.
         """
         conf = self.conf
-        task_id = options.get("task_id") or _new_task_id()
+        given_id = options.get("task_id")
+        task_id = given_id or _new_task_id()
         args = args if args is not None else ()  # kept as given: argsrepr shows a tuple or list
         kwargs = kwargs if kwargs is not None else {}
         queue = options.get("queue")
@@ -419,13 +420,18 @@ class AioQueue:
             if exchange == "" and eta is not None else None
         )
         # The store may get ready for the result's wait while the message travels (Redis
-        # subscribes to its channel); it lets go again if the publish fails.
+        # subscribes to its channel); it lets go again if the publish fails. The result's
+        # arrival proves the broker had the message, as its confirm would (Broker.publish);
+        # only for an id made here, which no earlier record can carry.
         store = None if ignore_result else self._store
+        proof = None
         if store is not None:
-            store.expect(task_id)
+            proof = store.expect(task_id)
+            if given_id is not None:
+                proof = None
         try:
             if wait is None or not await broker.publish_delayed(envelope, queue=key, delay=wait):
-                await broker.publish(envelope, routing_key=key, exchange=exchange)
+                await broker.publish(envelope, routing_key=key, exchange=exchange, proof=proof)
         except BaseException:
             if store is not None:
                 store.unexpect(task_id)

@@ -21,7 +21,9 @@ plumbing, and the translation of aio-pika, aiormq and pamqp exceptions into
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -46,7 +48,7 @@ from .amqp_channel import (
 )
 from .amqp_consumer import AmqpConsumer, AmqpDelivery
 from .amqp_frames import pamqp_properties
-from .amqp_headers import use_pyamqp_compatible_field_tables
+from .amqp_headers import use_fast_field_table_decoding, use_pyamqp_compatible_field_tables
 from .amqp_publisher import ChannelPublisher
 from .base import Broker
 
@@ -64,6 +66,7 @@ class AmqpBroker(Broker):
     def __init__(self, url: str, settings: Settings) -> None:
         super().__init__(url, settings)
         use_pyamqp_compatible_field_tables()
+        use_fast_field_table_decoding()
         self._connection: AbstractRobustConnection | None = None
         self._publish: Channel | None = None
         self._publisher: ChannelPublisher | None = None  # for the publish channel's current one
@@ -276,10 +279,18 @@ class AmqpBroker(Broker):
             raise translate(exc, f"cannot check exchange {name!r}") from exc
         self._exchanges.add(name)
 
-    async def publish(self, envelope: Envelope, *, routing_key: str, exchange: str = "") -> None:
-        """Publish and wait for RabbitMQ's confirm; ``exchange=""`` is the default exchange.
+    async def publish(
+        self, envelope: Envelope, *, routing_key: str, exchange: str = "",
+        proof: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Publish and wait for RabbitMQ's confirm, or for ``proof`` if that comes first;
+        ``exchange=""`` is the default exchange.
 
-        A message RabbitMQ cannot route is dropped silently (``mandatory`` off, as Celery).
+        ``proof`` matters for a task that finishes at once: RabbitMQ confirms a persistent
+        message it delivers straight away only once the consumer acks it (or it is on
+        disk), and a worker acks after storing the result, so the result reaches the
+        client before the confirm does. A message RabbitMQ cannot route is dropped silently
+        (``mandatory`` off, as Celery).
         """
         if self._publish is None:
             raise BrokerConnectionError(f"{mask_password(self.url)} is not connected")
@@ -294,7 +305,11 @@ class AmqpBroker(Broker):
                 else:
                     publisher = None
             if publisher is not None:
-                await publisher.send(envelope, exchange=exchange, routing_key=routing_key)
+                confirmation = publisher.send(envelope, exchange=exchange, routing_key=routing_key)
+                if proof is None:
+                    await confirmation
+                else:
+                    await _confirmed_or_proven(confirmation, proof)
             else:
                 await channel.basic_publish(
                     envelope.body,
@@ -366,3 +381,41 @@ class AmqpBroker(Broker):
     ) -> AmqpConsumer:
         """A consumer of ``queues`` (which must exist); ``start()`` subscribes."""
         return AmqpConsumer(self, queues, prefetch, no_ack)
+
+
+async def _confirmed_or_proven(
+    confirmation: asyncio.Future[Any], proof: asyncio.Future[None]
+) -> None:
+    """Wait for the first of the broker's confirm and ``proof`` (see ``publish``).
+
+    The wait is on ``proof`` itself, which the confirm completes too: the result's arrival,
+    usually the later of the two, wakes this task directly. The confirm's own outcome
+    counts when it is there; after a proof it is only logged. Cancelling the wait cancels
+    the confirm's future, as awaiting that directly does (a message not written yet then
+    stays out).
+    """
+    if not confirmation.done() and not proof.done():
+        confirmation.add_done_callback(functools.partial(_prove, proof))
+        try:
+            await proof
+        except asyncio.CancelledError:
+            confirmation.cancel()
+            raise
+    if confirmation.done():
+        confirmation.result()  # a nack or a closed channel raises here
+    else:
+        confirmation.add_done_callback(_late_confirm)
+
+
+def _prove(proof: asyncio.Future[None], _: asyncio.Future[Any]) -> None:
+    if not proof.done():
+        proof.set_result(None)
+
+
+def _late_confirm(confirmation: asyncio.Future[Any]) -> None:
+    """The confirm of a message whose result came first: nothing waits for it any more."""
+    if confirmation.cancelled():
+        return
+    if (exc := confirmation.exception()) is not None:
+        logger.warning("a message whose task already has a result was not confirmed: %s", exc)
+

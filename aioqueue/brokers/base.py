@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from types import TracebackType
@@ -106,9 +107,15 @@ class Broker(ABC):
 
     @abstractmethod
     async def publish(
-        self, envelope: Envelope, *, routing_key: str, exchange: str = ""
+        self, envelope: Envelope, *, routing_key: str, exchange: str = "",
+        proof: asyncio.Future[None] | None = None,
     ) -> None:
-        """Publish; returns once the broker has taken responsibility for the message."""
+        """Publish; returns once the broker has taken responsibility for the message.
+
+        ``proof``, when given, completes once the message's task has a result: a worker
+        received the message, which proves the broker has it as well as a confirm does.
+        A broker that waits for confirms may return then, without the confirm.
+        """
 
     async def publish_delayed(self, envelope: Envelope, *, queue: str, delay: float) -> bool:
         """Publish to ``queue`` (through the default exchange) so the message becomes

@@ -228,7 +228,11 @@ class MemoryBroker(Broker):
         """Declare an exchange (durability means nothing in memory); the first one wins."""
         self.hub().exchanges.setdefault(name, _Exchange(type))
 
-    async def publish(self, envelope: Envelope, *, routing_key: str, exchange: str = "") -> None:
+    async def publish(
+        self, envelope: Envelope, *, routing_key: str, exchange: str = "",
+        proof: asyncio.Future[None] | None = None,
+    ) -> None:
+        # Taken at once (no confirm to wait for): ``proof`` is not needed.
         hub = self.hub()
         deadline = None
         if envelope.expiration is not None:

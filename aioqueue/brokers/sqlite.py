@@ -623,7 +623,11 @@ class SqliteBroker(Broker):
         """Declare an exchange (every one is durable in the file); the first one wins."""
         await self.db().run(partial(_declare_exchange, name, type))
 
-    async def publish(self, envelope: Envelope, *, routing_key: str, exchange: str = "") -> None:
+    async def publish(
+        self, envelope: Envelope, *, routing_key: str, exchange: str = "",
+        proof: asyncio.Future[None] | None = None,
+    ) -> None:
+        # Taken at once (no confirm to wait for): ``proof`` is not needed.
         await self._send(envelope, routing_key, exchange, 0.0)
 
     async def publish_delayed(self, envelope: Envelope, *, queue: str, delay: float) -> bool:

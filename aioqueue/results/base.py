@@ -77,12 +77,19 @@ class ResultStore(ABC):
     async def prepare_client(self) -> None:  # noqa: B027 - optional hook, most stores need none
         """Called before a client publishes its first task (the RPC store declares its queue)."""
 
-    def expect(self, task_id: str) -> None:  # noqa: B027 - optional hook, most stores need none
+    def expect(self, task_id: str) -> asyncio.Future[None] | None:
         """Called just before a client publishes a task whose result it may wait for.
 
         A store may get ready for that wait now (Redis subscribes to the result's channel),
         so ``wait()`` costs no round trip later. Must not block and must not fail.
+
+        It may return a future that completes when the task's ready result has arrived
+        here, without the client asking (it is kept for the ``wait()``): the publish can
+        take that as proof the broker had the message (``Broker.publish``). The store
+        completes it only with a result, never with an error, and may drop it unresolved.
+        Returns None by default.
         """
+        return None
 
     def unexpect(self, task_id: str) -> None:  # noqa: B027 - optional hook
         """The publish announced by ``expect()`` failed: nothing will come."""

@@ -287,10 +287,11 @@ class RedisResultStore(ResultStore):
         finally:
             listener.end_wait(key, waiter, timer)
 
-    def expect(self, task_id: str) -> None:
+    def expect(self, task_id: str) -> asyncio.Future[None] | None:
         """Subscribe to the result's channel now, if this store's listener runs (it has
-        waited before): the ``get()`` that follows then costs no round trip."""
-        self._waiting.expect(self.key_for(task_id).encode())
+        waited before): the ``get()`` that follows then costs no round trip, and the future
+        returned completes when the ready record arrives (None if not subscribed)."""
+        return self._waiting.expect(self.key_for(task_id).encode())
 
     def unexpect(self, task_id: str) -> None:
         self._waiting.unexpect(self.key_for(task_id).encode())

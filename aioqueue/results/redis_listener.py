@@ -116,6 +116,9 @@ class Listener:
         # Channels subscribed for sent tasks nobody waits on yet, oldest first. A channel is
         # subscribed exactly while it is in ``waiters`` or here (never in both).
         self._expected: dict[bytes, None] = {}
+        # The futures expect() returned, completed when the ready record arrives; only for
+        # channels in ``_expected`` or ``waiters`` (dropped, unresolved, when they leave).
+        self._arrivals: dict[bytes, asyncio.Future[None]] = {}
         # Records as Redis sent them, oldest first: bytes are no work for the cyclic GC,
         # decoded records (dicts, lists) would be, thousands at a time.
         self._kept: dict[bytes, bytes | str] = {}
@@ -226,25 +229,34 @@ class Listener:
                 current.remove(waiter)
             else:
                 del self.waiters[key]
+                self._arrivals.pop(key, None)
                 self._queue_op(_UNSUBSCRIBE, key)
 
-    def expect(self, key: bytes) -> None:
-        """A task with this result key is being sent: subscribe now if the listener runs."""
+    def expect(self, key: bytes) -> asyncio.Future[None] | None:
+        """A task with this result key is being sent: subscribe now if the listener runs.
+
+        Returns a future completed when the ready record arrives (see
+        ``ResultStore.expect``), or None when not subscribing for the send.
+        """
         if not self.running or key in self.waiters or key in self._expected:
-            return
+            return None
         self._drop_kept(key)  # the same id sent again: an old record is stale
         self._expected[key] = None
+        arrival: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._arrivals[key] = arrival
         # Written one loop iteration later: the task's publish, queued right after this
         # call, goes out first (the SUBSCRIBE has the whole run of the task to take effect,
         # and the MGET behind it covers a record that is faster).
         self._queue_op(_SUBSCRIBE, key, soon=True)
         if len(self._expected) > EXPECTED:
             self.unexpect(next(iter(self._expected)))
+        return arrival
 
     def unexpect(self, key: bytes) -> None:
         """Stop holding ``key`` for a send (failed, forgotten or too old)."""
         if key in self._expected:
             del self._expected[key]
+            self._arrivals.pop(key, None)
             self._queue_op(_UNSUBSCRIBE, key)
 
     def forget(self, key: bytes) -> None:
@@ -256,6 +268,7 @@ class Listener:
         """Fail every pending wait (closed, or the listener gave up); drop what is held."""
         waiting, self.waiters = self.waiters, {}  # a fresh dict: callers may be iterating
         self._expected.clear()
+        self._arrivals.clear()
         self._kept.clear()
         self._kept_bytes = 0
         for current in waiting.values():
@@ -303,6 +316,9 @@ class Listener:
         data: bytes | str,
     ) -> None:
         """Hand a ready record (or a decoding error) to every wait on ``key``, or keep it."""
+        arrival = self._arrivals.pop(key, None)
+        if arrival is not None and not arrival.done():
+            arrival.set_result(None)
         current = self.waiters.pop(key, None)
         if current is not None:
             self._queue_op(_UNSUBSCRIBE, key)

@@ -95,6 +95,27 @@ async def test_a_record_arriving_before_the_wait_is_kept_for_it(
         await store.wait(task_id, timeout=0.2)
 
 
+async def test_expect_returns_a_future_the_ready_record_completes(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    await listening(store, unique)
+    task_id, dropped = new_id(unique), new_id(unique)
+    arrival = store.expect(task_id)
+    assert arrival is not None
+    assert store.expect(task_id) is None  # subscribed already: one future per send
+    await until_subscribed(raw, store.key_for(task_id))
+    await store.store(task_id, make_meta(task_id, "STARTED", None))
+    await asyncio.sleep(0.1)
+    assert not arrival.done()  # not ready: no proof the task is over, nor needed
+    await store.store(task_id, make_meta(task_id, "SUCCESS", 3))
+    await asyncio.wait_for(arrival, 5)
+    assert (await store.wait(task_id, timeout=5))["result"] == 3
+    other = store.expect(dropped)
+    assert other is not None
+    store.unexpect(dropped)  # a failed send: let go, never completed
+    assert not other.done() and not store._waiting._arrivals
+
+
 async def test_a_record_stored_before_the_subscription_is_read(
     store: RedisResultStore, raw: aioredis.Redis, unique: str
 ) -> None:
@@ -126,7 +147,7 @@ async def test_expect_does_nothing_until_the_store_has_waited(
 ) -> None:
     async with RedisResultStore(redis_url, Settings()) as store:
         task_id = new_id(unique)
-        store.expect(task_id)
+        assert store.expect(task_id) is None  # no proof of arrival to offer either
         # Nothing to wait for: no listener was started, and nothing was queued for one.
         assert store._listener is None
         assert not store._waiting._ops and not store._waiting._expected

@@ -1,0 +1,53 @@
+"""``_confirmed_or_proven``: the first of the broker's confirm and the result's arrival."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from aioqueue.brokers.amqp import _confirmed_or_proven
+
+
+def futures() -> tuple[asyncio.Future[Any], asyncio.Future[None]]:
+    loop = asyncio.get_running_loop()
+    return loop.create_future(), loop.create_future()
+
+
+async def test_the_confirm_alone_is_enough() -> None:
+    confirmation, proof = futures()
+    waiting = asyncio.create_task(_confirmed_or_proven(confirmation, proof))
+    await asyncio.sleep(0)
+    confirmation.set_result("ack")
+    await waiting
+    assert not proof._callbacks  # nothing left hanging on the proof
+
+
+async def test_the_proof_alone_is_enough_and_the_confirm_is_let_go() -> None:
+    confirmation, proof = futures()
+    waiting = asyncio.create_task(_confirmed_or_proven(confirmation, proof))
+    await asyncio.sleep(0)
+    proof.set_result(None)
+    await waiting
+    confirmation.set_exception(RuntimeError("nack"))  # retrieved and logged, not raised
+    await asyncio.sleep(0)
+
+
+async def test_a_failed_confirm_that_is_there_counts() -> None:
+    confirmation, proof = futures()
+    confirmation.set_exception(RuntimeError("nack"))
+    proof.set_result(None)
+    with pytest.raises(RuntimeError, match="nack"):
+        await _confirmed_or_proven(confirmation, proof)
+
+
+async def test_cancelling_the_wait_cancels_the_confirm() -> None:
+    confirmation, proof = futures()
+    waiting = asyncio.create_task(_confirmed_or_proven(confirmation, proof))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert confirmation.cancelled()  # a message not written yet then stays out
+    assert not proof._callbacks
