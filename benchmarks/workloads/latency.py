@@ -1,14 +1,15 @@
 """Workload 5, round-trip latency: one ``delay()`` then ``get()``, ``n`` times in sequence.
 
 Each sample is one call plus reading its result, with nothing else in flight; reported as the
-median (p50) and 99th percentile in milliseconds. Systems whose ``get()`` polls (aio-celery,
-taskiq) are given a 1 ms poll interval instead of their 0.5 s / 0.2 s defaults.
+median (p50) and 99th percentile in milliseconds. Async clients are timed inside their running
+event loop, blocking clients around each call (``Driver.roundtrips``). Systems whose ``get()``
+polls (aio-celery, taskiq) are given a 1 ms poll interval instead of their 0.5 s / 0.2 s
+defaults.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 
 from benchmarks.signals import SignalCounter
 from benchmarks.systems.base import Driver
@@ -21,17 +22,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def warmup(driver: Driver, signals: SignalCounter, n: int, quick: bool) -> dict[str, float]:
-    for _ in range(10):
-        driver.roundtrip(timeout=30)
+    driver.roundtrips(10, timeout=30)
     return {}
 
 
 def measure(driver: Driver, signals: SignalCounter, n: int, quick: bool) -> dict[str, float]:
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        driver.roundtrip(timeout=30)
-        samples.append((time.perf_counter() - start) * 1000)
+    samples = [seconds * 1000 for seconds in driver.roundtrips(n, timeout=30)]
     return {
         "p50": statistics.median(samples),
         "p99": percentile(samples, 0.99),
