@@ -128,11 +128,30 @@ async def test_close_fails_stores_not_yet_written(
     (task_id,) = ids(unique, 1)
     await s.store(task_id, success(task_id))  # the writer exists and is connected
     pending = asyncio.ensure_future(s.store(task_id + "-late", success(task_id)))
-    await asyncio.sleep(0)  # queued; its batch not sent yet
+    await asyncio.sleep(0)  # queued (written at once on the open connection), no reply read
     await s.close()
     with pytest.raises(exceptions.ResultStoreError, match="closed"):
         await pending
     assert await writer_connections(raw, s.writer_client_name) == []
+
+
+async def test_a_lone_store_is_written_by_store_itself(
+    redis_url: str, settings: Settings, raw: aioredis.Redis, unique: str
+) -> None:
+    """Nothing in flight on an open connection: the record leaves before store() returns
+    (no loop iteration for the flusher first); records queued meanwhile make a batch."""
+    async with RedisResultStore(redis_url, settings) as s:
+        first, lone, a, b = ids(unique, 4)
+        await s.store(first, success(first))  # connects the writer
+        writer = s._writer
+        assert writer is not None
+        outcome = writer.store(s.key_for(lone).encode(), s.encode(success(lone, 2)))
+        assert [item[0] for item in writer._written] == [s.key_for(lone).encode()]
+        queued = [writer.store(s.key_for(i).encode(), s.encode(success(i, 3))) for i in (a, b)]
+        assert len(writer._pending) == 2  # behind the one in flight
+        assert await outcome is True
+        assert await asyncio.gather(*queued) == [True, True]
+        assert [(await s.get(i) or {}).get("result") for i in (lone, a, b)] == [2, 3, 3]
 
 
 async def test_unreachable_redis_fails_each_store(settings: Settings, unique: str) -> None:
