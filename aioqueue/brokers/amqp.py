@@ -47,8 +47,9 @@ from .amqp_channel import (
     translate,
 )
 from .amqp_consumer import AmqpConsumer, AmqpDelivery
+from .amqp_decoding import use_fast_frame_decoding
 from .amqp_frames import pamqp_properties
-from .amqp_headers import use_fast_field_table_decoding, use_pyamqp_compatible_field_tables
+from .amqp_headers import use_pyamqp_compatible_field_tables
 from .amqp_publisher import ChannelPublisher
 from .base import Broker
 
@@ -66,7 +67,7 @@ class AmqpBroker(Broker):
     def __init__(self, url: str, settings: Settings) -> None:
         super().__init__(url, settings)
         use_pyamqp_compatible_field_tables()
-        use_fast_field_table_decoding()
+        use_fast_frame_decoding()  # and field tables: pamqp's values, read in place
         self._connection: AbstractRobustConnection | None = None
         self._publish: Channel | None = None
         self._publisher: ChannelPublisher | None = None  # for the publish channel's current one
