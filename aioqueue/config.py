@@ -8,7 +8,6 @@ silently ignored.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import logging
@@ -277,6 +276,8 @@ _FIELD_NAMES = frozenset(f.name for f in fields(Settings)) - {"unsupported"}
 
 
 def _unknown(name: str) -> ConfigurationError:
+    import difflib  # only on this error: not held by every process
+
     close = difflib.get_close_matches(name, sorted(_FIELD_NAMES | UNSUPPORTED_CELERY_SETTINGS), 1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigurationError(f"unknown setting {name!r}{hint}")

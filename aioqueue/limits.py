@@ -15,7 +15,6 @@ permit freed, while the thread finishes in the background.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import threading
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
@@ -121,6 +120,8 @@ class _ThreadCall:
                 self.done = True
 
     def interrupt(self, exc_type: type[BaseException]) -> None:
+        import ctypes  # here: ~0.3 MiB a worker without time-limited threads never needs
+
         with self.lock:
             if self.ident is None or self.done:
                 return
