@@ -74,19 +74,30 @@ async def started(app: AioQueue, unique: str) -> RedisResultStore:
     return store
 
 
-async def test_delay_returns_when_the_result_arrives_before_the_confirm(
-    app: AioQueue, raw: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def sending_task(
+    app: AioQueue, raw: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch,
+    task_id: str | None = None,
+) -> tuple[asyncio.Task[Any], HeldConfirms, RedisResultStore, str]:
+    """A task being sent with its confirm held back, once its result's channel is subscribed:
+    (the delay() in flight, the held confirms, the store, the task id)."""
+
     @app.task(name=f"{unique}.answer")
     async def answer() -> int:
         return 42
 
     store = await started(app, unique)
     confirms = HeldConfirms(monkeypatch)
-    sending = asyncio.create_task(answer.delay())
+    sending = asyncio.create_task(answer.apply_async(task_id=task_id))
     await eventually(lambda: bool(confirms.held))
-    [task_id] = confirms.held
-    await until_subscribed(raw, store.key_for(task_id))
+    [sent_id] = confirms.held
+    await until_subscribed(raw, store.key_for(sent_id))
+    return sending, confirms, store, sent_id
+
+
+async def test_delay_returns_when_the_result_arrives_before_the_confirm(
+    app: AioQueue, raw: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sending, confirms, store, task_id = await sending_task(app, raw, unique, monkeypatch)
     await asyncio.sleep(0.1)
     assert not sending.done()  # neither proof yet
     await store.store(task_id, make_meta(task_id, "SUCCESS", 42))  # as the worker would
@@ -100,17 +111,9 @@ async def test_a_given_task_id_waits_for_the_confirm(
     app: AioQueue, raw: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An id the caller chose may carry an older record: only the confirm counts then."""
-
-    @app.task(name=f"{unique}.answer")
-    async def answer() -> int:
-        return 42
-
-    store = await started(app, unique)
-    confirms = HeldConfirms(monkeypatch)
-    task_id = f"{unique}-given"
-    sending = asyncio.create_task(answer.apply_async(task_id=task_id))
-    await eventually(lambda: bool(confirms.held))
-    await until_subscribed(raw, store.key_for(task_id))
+    sending, confirms, store, task_id = await sending_task(
+        app, raw, unique, monkeypatch, task_id=f"{unique}-given"
+    )
     await store.store(task_id, make_meta(task_id, "SUCCESS", 42))
     await until_numsub(raw, store.key_for(task_id), 0)  # the record arrived and was kept
     await asyncio.sleep(0.1)
@@ -124,16 +127,7 @@ async def test_a_failed_confirm_after_the_result_is_logged(
     app: AioQueue, raw: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    @app.task(name=f"{unique}.answer")
-    async def answer() -> int:
-        return 42
-
-    store = await started(app, unique)
-    confirms = HeldConfirms(monkeypatch)
-    sending = asyncio.create_task(answer.delay())
-    await eventually(lambda: bool(confirms.held))
-    [task_id] = confirms.held
-    await until_subscribed(raw, store.key_for(task_id))
+    sending, confirms, store, task_id = await sending_task(app, raw, unique, monkeypatch)
     await store.store(task_id, make_meta(task_id, "SUCCESS", 42))
     result = await asyncio.wait_for(sending, 5)
     with caplog.at_level(logging.WARNING, logger="aioqueue.brokers.amqp"):
