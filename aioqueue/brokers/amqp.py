@@ -417,6 +417,9 @@ def _late_confirm(confirmation: asyncio.Future[Any]) -> None:
     """The confirm of a message whose result came first: nothing waits for it any more."""
     if confirmation.cancelled():
         return
-    if (exc := confirmation.exception()) is not None:
+    exc = confirmation.exception()
+    if isinstance(exc, aiormq.exceptions.DeliveryError):  # a nack: odd, so said
         logger.warning("a message whose task already has a result was not confirmed: %s", exc)
+    elif exc is not None:  # the channel closed first (app.close()): nothing to say
+        logger.debug("no confirm for a message whose task already has a result: %s", exc)
 

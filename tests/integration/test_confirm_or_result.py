@@ -17,6 +17,7 @@ from typing import Any
 import aiormq
 import pytest
 import redis.asyncio as aioredis
+from pamqp.commands import Basic
 
 from aioqueue import AioQueue
 from aioqueue.brokers.amqp_publisher import ChannelPublisher
@@ -131,7 +132,8 @@ async def test_a_failed_confirm_after_the_result_is_logged(
     await store.store(task_id, make_meta(task_id, "SUCCESS", 42))
     result = await asyncio.wait_for(sending, 5)
     with caplog.at_level(logging.WARNING, logger="aioqueue.brokers.amqp"):
-        await confirms.release(task_id, aiormq.exceptions.DeliveryError(None, None))
+        nack = aiormq.exceptions.DeliveryError(None, Basic.Nack(delivery_tag=1))
+        await confirms.release(task_id, nack)
         await eventually(lambda: "already has a result was not confirmed" in caplog.text)
     assert await result.get(timeout=5) == 42
 

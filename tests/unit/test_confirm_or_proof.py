@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
+from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
+from pamqp.commands import Basic
 
 from aioqueue.brokers.amqp import _confirmed_or_proven
 
@@ -24,14 +27,23 @@ async def test_the_confirm_alone_is_enough() -> None:
     assert not proof._callbacks  # nothing left hanging on the proof
 
 
-async def test_the_proof_alone_is_enough_and_the_confirm_is_let_go() -> None:
+@pytest.mark.parametrize(("failure", "level"), [
+    (DeliveryError(None, Basic.Nack(delivery_tag=1)), logging.WARNING),  # a nack: said
+    (ChannelInvalidStateError("closed"), logging.DEBUG),  # app.close() first: routine
+])
+async def test_the_proof_alone_is_enough_and_the_confirm_is_let_go(
+    failure: Exception, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
     confirmation, proof = futures()
     waiting = asyncio.create_task(_confirmed_or_proven(confirmation, proof))
     await asyncio.sleep(0)
     proof.set_result(None)
     await waiting
-    confirmation.set_exception(RuntimeError("nack"))  # retrieved and logged, not raised
-    await asyncio.sleep(0)
+    assert not confirmation.done()
+    with caplog.at_level(logging.DEBUG, logger="aioqueue.brokers.amqp"):
+        confirmation.set_exception(failure)  # retrieved and logged, not raised
+        await asyncio.sleep(0)  # the done callbacks run in the next loop pass
+    assert [r.levelno for r in caplog.records] == [level]
 
 
 async def test_a_failed_confirm_that_is_there_counts() -> None:
