@@ -76,6 +76,17 @@ async def settle(delivery: Delivery, fate: str) -> None:
         await delivery.reject(requeue=False)
 
 
+async def ended_as_planned(rabbit: Rabbit, queue: str, fates: dict[str, str]) -> None:
+    """Each message of ``fates`` is back in ``queue`` (requeued or kept unsettled) or in
+    its dead-letter queue, as planned, and nothing else is in either."""
+    back = sorted(i for i, fate in fates.items() if fate in ("requeue", "keep"))
+    dead = sorted(i for i, fate in fates.items() if fate == "dead")
+    await rabbit.wait_count(queue, len(back))
+    await rabbit.wait_count(f"{queue}.dead", len(dead))
+    assert sorted(await drain_ids(rabbit, queue)) == back
+    assert sorted(await drain_ids(rabbit, f"{queue}.dead")) == dead
+
+
 @pytest.mark.parametrize("waves", [1, 4], ids=["one-tick", "waves"])
 async def test_out_of_order_settles_end_exactly_where_they_should(
     amqp_url: str, settings: Settings, rabbit: Rabbit, waves: int
@@ -102,12 +113,7 @@ async def test_out_of_order_settles_end_exactly_where_they_should(
         # Closing the connection gives back what is unsettled: the kept ones, and the
         # requeued ones that were delivered to this consumer again.
         await broker.close()
-    expected_back = sorted(i for i, fate in fates.items() if fate in ("requeue", "keep"))
-    expected_dead = sorted(i for i, fate in fates.items() if fate == "dead")
-    await rabbit.wait_count(name, len(expected_back))
-    await rabbit.wait_count(f"{name}.dead", len(expected_dead))
-    assert sorted(await drain_ids(rabbit, name)) == expected_back
-    assert sorted(await drain_ids(rabbit, f"{name}.dead")) == expected_dead
+    await ended_as_planned(rabbit, name, fates)
 
 
 async def test_a_run_of_acks_below_an_unsettled_delivery_leaves_it_alone(
@@ -157,13 +163,8 @@ async def test_two_queues_on_one_channel_share_the_tags(
     await asyncio.gather(*(settle(d, fates[d.envelope.headers["id"]]) for d in deliveries))
     await consumer.stop()
     await broker.close()
-    kept = sorted(i for i, fate in fates.items() if fate == "keep")
-    dead = sorted(i for i, fate in fates.items() if fate == "dead")
     await rabbit.wait_count(first, 0)
-    await rabbit.wait_count(second, len(kept))
-    await rabbit.wait_count(f"{second}.dead", len(dead))
-    assert sorted(await drain_ids(rabbit, second)) == kept
-    assert sorted(await drain_ids(rabbit, f"{second}.dead")) == dead
+    await ended_as_planned(rabbit, second, {i: f for i, f in fates.items() if f != "ack"})
 
 
 async def test_settles_after_stop_are_written_before_the_channel_closes(
