@@ -424,11 +424,8 @@ class AioQueue:
         # arrival proves the broker had the message, as its confirm would (Broker.publish);
         # only for an id made here, which no earlier record can carry.
         store = None if ignore_result else self._store
-        proof = None
-        if store is not None:
-            proof = store.expect(task_id)
-            if given_id is not None:
-                proof = None
+        arrival = store.expect(task_id) if store is not None else None
+        proof = arrival if given_id is None else None
         try:
             if wait is None or not await broker.publish_delayed(envelope, queue=key, delay=wait):
                 await broker.publish(envelope, routing_key=key, exchange=exchange, proof=proof)
