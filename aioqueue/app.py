@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,7 @@ from .brokers.base import Broker
 from .config import Queue, Settings
 from .control import Control
 from .exceptions import ConfigurationError
-from .protocol import encode_task
+from .protocol import encode_task, new_task_id
 from .registry import broker_class, result_store_class
 from .result import AsyncResult
 from .results.base import ResultStore
@@ -348,8 +347,6 @@ class AioQueue:
         then the app's settings.
         """
         conf = self.conf
-        given_id = options.get("task_id")
-        task_id = given_id or _new_task_id()
         args = args if args is not None else ()  # kept as given: argsrepr shows a tuple or list
         kwargs = kwargs if kwargs is not None else {}
         queue = options.get("queue")
@@ -360,78 +357,87 @@ class AioQueue:
             conf.task_default_priority,
         )
         ignore_result = _first(options.get("ignore_result"), task and task.ignore_result)
-        eta = options.get("eta")
-        countdown = options.get("countdown")
-        expires = options.get("expires")
-        now = None
-        if countdown is not None or expires is not None:  # most calls never read the clock
-            now = datetime.now(UTC)
-            if countdown is not None:
-                eta = now + timedelta(seconds=countdown)
-            if isinstance(expires, int | float):
-                expires = now + timedelta(seconds=expires)
-        time_limit = _first(
-            options.get("time_limit"), task and task.time_limit, conf.task_time_limit
-        )
-        soft_time_limit = _first(
-            options.get("soft_time_limit"), task and task.soft_time_limit,
-            conf.task_soft_time_limit,
-        )
-        # Connected first: reply_to names the rpc store's queue. Encoded before anything is
-        # declared or sent, so a value that cannot be serialized fails with nothing sent.
-        broker = await self.get_broker()
-        envelope = encode_task(
-            task=name,
-            task_id=task_id,
-            args=args if isinstance(args, tuple | list) else list(args),
-            kwargs=kwargs,
-            serializer=_first(
-                options.get("serializer"), task and task.serializer, conf.task_serializer
-            ),
-            eta=eta,
-            expires=expires,
-            now=now,
-            retries=options.get("retries", 0),
-            timelimit=(time_limit, soft_time_limit),
-            root_id=options.get("root_id"),
-            parent_id=options.get("parent_id"),
-            shadow=options.get("shadow"),
-            ignore_result=ignore_result,
-            reply_to=reply_to or self.reply_to,
-            priority=priority,
-            group=group,
-            group_index=group_index,
-            embed=embed,
-            headers=options.get("headers"),
-            compression=options.get("compression") or conf.task_compression,
-        )
-        if not self._client_ready and self._store is not None:
-            await self._store.prepare_client()
-            self._client_ready = True
-        if queue_name not in self._declared:  # queue_spec(name).name is name
-            for declaration in routing.declarations(conf, queue_name):  # dead-letter queue first
-                await broker.declare(declaration)
-            self._declared.add(queue_name)
-        exchange, key = self._publish_target(queue_name, options, found)
-        # A far ETA waits in the broker, not in a worker's memory (brokers/delay.py); only
-        # for the default exchange, where the key is the queue.
-        wait = (
-            delays.broker_delay(conf, eta, datetime.now(UTC))
-            if exchange == "" and eta is not None else None
-        )
-        # The store may get ready for the result's wait while the message travels (Redis
-        # subscribes to its channel); it lets go again if the publish fails. The result's
-        # arrival proves the broker had the message, as its confirm would (Broker.publish);
-        # only for an id made here, which no earlier record can carry.
-        store = None if ignore_result else self._store
-        arrival = store.expect(task_id) if store is not None else None
-        proof = arrival if given_id is None else None
+        given_id = options.get("task_id")
+        # A new id may come with its result's channel subscribed already (the store's spare
+        # ids): then nothing of the wait is left to do while the message travels.
+        ready = None if ignore_result or given_id else self._ready_result_store()
+        spare = ready.spare_task_id() if ready is not None else None
+        task_id = given_id or spare or new_task_id()
+        held = ready if spare is not None else None  # holds task_id's channel: let go on failure
         try:
+            eta = options.get("eta")
+            countdown = options.get("countdown")
+            expires = options.get("expires")
+            now = None
+            if countdown is not None or expires is not None:  # most calls never read the clock
+                now = datetime.now(UTC)
+                if countdown is not None:
+                    eta = now + timedelta(seconds=countdown)
+                if isinstance(expires, int | float):
+                    expires = now + timedelta(seconds=expires)
+            time_limit = _first(
+                options.get("time_limit"), task and task.time_limit, conf.task_time_limit
+            )
+            soft_time_limit = _first(
+                options.get("soft_time_limit"), task and task.soft_time_limit,
+                conf.task_soft_time_limit,
+            )
+            # Connected first: reply_to names the rpc store's queue. Encoded before anything is
+            # declared or sent, so a value that cannot be serialized fails with nothing sent.
+            broker = await self.get_broker()
+            envelope = encode_task(
+                task=name,
+                task_id=task_id,
+                args=args if isinstance(args, tuple | list) else list(args),
+                kwargs=kwargs,
+                serializer=_first(
+                    options.get("serializer"), task and task.serializer, conf.task_serializer
+                ),
+                eta=eta,
+                expires=expires,
+                now=now,
+                retries=options.get("retries", 0),
+                timelimit=(time_limit, soft_time_limit),
+                root_id=options.get("root_id"),
+                parent_id=options.get("parent_id"),
+                shadow=options.get("shadow"),
+                ignore_result=ignore_result,
+                reply_to=reply_to or self.reply_to,
+                priority=priority,
+                group=group,
+                group_index=group_index,
+                embed=embed,
+                headers=options.get("headers"),
+                compression=options.get("compression") or conf.task_compression,
+            )
+            if not self._client_ready and self._store is not None:
+                await self._store.prepare_client()
+                self._client_ready = True
+            if queue_name not in self._declared:  # queue_spec(name).name is name
+                # The dead-letter queue first.
+                for declaration in routing.declarations(conf, queue_name):
+                    await broker.declare(declaration)
+                self._declared.add(queue_name)
+            exchange, key = self._publish_target(queue_name, options, found)
+            # A far ETA waits in the broker, not in a worker's memory (brokers/delay.py); only
+            # for the default exchange, where the key is the queue.
+            wait = (
+                delays.broker_delay(conf, eta, datetime.now(UTC))
+                if exchange == "" and eta is not None else None
+            )
+            # The store may get ready for the result's wait while the message travels (Redis
+            # subscribes to its channel); it lets go again if the publish fails. The result's
+            # arrival proves the broker had the message, as its confirm would (Broker.publish);
+            # only for an id made here, which no earlier record can carry.
+            store = None if ignore_result else self._store
+            arrival = store.expect(task_id) if store is not None else None
+            held = store
+            proof = arrival if given_id is None else None
             if wait is None or not await broker.publish_delayed(envelope, queue=key, delay=wait):
                 await broker.publish(envelope, routing_key=key, exchange=exchange, proof=proof)
         except BaseException:
-            if store is not None:
-                store.unexpect(task_id)
+            if held is not None:
+                held.unexpect(task_id)
             raise
         return AsyncResult(task_id, self, task_name=name, ignored=bool(ignore_result))
 
@@ -454,17 +460,6 @@ class AioQueue:
     def control(self) -> Control:
         """Remote control of the workers, as Celery's ``app.control``: ``revoke()``."""
         return Control(self)
-
-
-# UUID4 layout: version 4 in bits 76-79, RFC 4122 variant (10) in bits 62-63.
-_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62))
-_UUID4_SET = (0x4 << 76) | (0x2 << 62)
-
-
-def _new_task_id() -> str:
-    """``str(uuid.uuid4())`` (same randomness, os.urandom) at half the cost: no UUID object."""
-    h = f"{(int.from_bytes(os.urandom(16)) & _UUID4_CLEAR) | _UUID4_SET:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

@@ -22,6 +22,7 @@ __all__ = (
     "decode_task",
     "encode_task",
     "format_time",
+    "new_task_id",
     "origin",
     "parse_time",
 )
@@ -29,6 +30,17 @@ __all__ = (
 ARGSREPR_MAXSIZE = 1024
 KWARGSREPR_MAXSIZE = 1024
 EMPTY_EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+# UUID4 layout: version 4 in bits 76-79, RFC 4122 variant (10) in bits 62-63.
+_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+
+
+def new_task_id() -> str:
+    """A task id as Celery makes them, ``str(uuid.uuid4())`` (same randomness, os.urandom),
+    at half the cost: no UUID object."""
+    h = f"{(int.from_bytes(os.urandom(16)) & _UUID4_CLEAR) | _UUID4_SET:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(slots=True)

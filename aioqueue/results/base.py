@@ -91,6 +91,17 @@ class ResultStore(ABC):
         """
         return None
 
+    def spare_task_id(self) -> str | None:
+        """A new task id whose wait this store got ready for in advance, or None.
+
+        A client about to send a task (and not given its id) asks first; ``expect()`` is
+        then called with the id as with any other, and ``unexpect()`` if it is not sent.
+        Redis hands out ids whose result channels it subscribed to earlier, many per
+        command, so no subscription is made while the message travels. Must not block and
+        must not fail. Returns None by default.
+        """
+        return None
+
     def unexpect(self, task_id: str) -> None:  # noqa: B027 - optional hook
         """The publish announced by ``expect()`` failed: nothing will come."""
 

@@ -293,6 +293,10 @@ class RedisResultStore(ResultStore):
         returned completes when the ready record arrives (None if not subscribed)."""
         return self._waiting.expect(self.key_for(task_id).encode())
 
+    def spare_task_id(self) -> str | None:
+        """A new id whose result channel is subscribed already (see ``Listener.take_spare``)."""
+        return self._waiting.take_spare()
+
     def unexpect(self, task_id: str) -> None:
         self._waiting.unexpect(self.key_for(task_id).encode())
 

@@ -1,8 +1,10 @@
-"""``expect()``/``unexpect()``, the hooks a client calls around each send, on every store:
-they never fail, and waits behave as without them (whether a store uses them or not)."""
+"""``spare_task_id()``/``expect()``/``unexpect()``, the hooks a client calls around each send,
+on every store: they never fail, and waits behave as without them (whether a store uses them
+or not)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -45,4 +47,35 @@ async def test_a_forgotten_expected_result_is_gone(store: ResultStore) -> None:
     await store.forget(task_id)
     with pytest.raises(TimeoutError):
         await store.wait(task_id, timeout=0.3)
+    await store.forget(warm)
+
+
+async def test_spare_task_ids_are_new_uuid4s_waited_for_as_any_other(store: ResultStore) -> None:
+    warm = str(uuid.uuid4())
+    await store.store(warm, make_meta(warm, "SUCCESS", 0), reply_to=store.reply_to)
+    await store.wait(warm, timeout=5)  # a Redis store listens (and subscribes spares) now
+    spares: list[str] = []
+    for _ in range(200):  # a store has none, or they become ready within a few round trips
+        spare = store.spare_task_id()
+        if spare is not None:
+            spares.append(spare)
+            if len(spares) == 3:
+                break
+        await asyncio.sleep(0.005)
+    if not spares:
+        assert store.spare_task_id() is None
+        return
+    assert len(set(spares)) == len(spares)  # each handed out once
+    for spare in spares:
+        assert uuid.UUID(spare).version == 4 and str(uuid.UUID(spare)) == spare
+    sent, dropped, unused = spares
+    store.expect(sent)
+    await store.store(sent, make_meta(sent, "SUCCESS", 5), reply_to=store.reply_to)
+    assert (await store.wait(sent, timeout=5))["result"] == 5
+    store.unexpect(dropped)  # its send failed before expect()
+    store.expect(unused)
+    store.unexpect(unused)
+    with pytest.raises(TimeoutError):
+        await store.wait(dropped, timeout=0.1)
+    await store.forget(sent)
     await store.forget(warm)

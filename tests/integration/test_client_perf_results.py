@@ -7,7 +7,9 @@
   are let go when the record arrives, when the send fails, on ``forget()``, and past the
   bounds; after a reconnect they are subscribed and read again;
 * timeouts and cancellations leave no waiter and no subscription behind;
-* ``delay()`` subscribes while it publishes once the app's store listens.
+* ``delay()`` subscribes while it publishes once the app's store listens;
+* spare task ids come with their channels subscribed (and confirmed) ahead, many per
+  command; ``delay()`` uses them, and lets one go when its send fails.
 
 Records kept for a wait are told apart from reads by deleting the key before the wait.
 """
@@ -102,7 +104,7 @@ async def test_expect_returns_a_future_the_ready_record_completes(
     task_id, dropped = new_id(unique), new_id(unique)
     arrival = store.expect(task_id)
     assert arrival is not None
-    assert store.expect(task_id) is None  # subscribed already: one future per send
+    assert store.expect(task_id) is arrival  # held already: the same send's future
     await until_subscribed(raw, store.key_for(task_id))
     await store.store(task_id, make_meta(task_id, "STARTED", None))
     await asyncio.sleep(0.1)
@@ -283,6 +285,110 @@ async def test_delay_subscribes_while_it_publishes(
         for task_id in (ignored.id, failed):  # an UNSUBSCRIBE may wait a moment for company
             await until_numsub(raw, store.key_for(task_id), 0)
         await eventually(lambda: not store._waiting._expected)
+    finally:
+        await app.close()
+        await delete_queues(amqp_url, [unique])
+
+
+async def ready_spare(store: RedisResultStore) -> str:
+    """A spare id, once the spares asked for by the first call are confirmed."""
+    for _ in range(1000):
+        spare = store.spare_task_id()
+        if spare is not None:
+            return spare
+        await asyncio.sleep(0.005)
+    raise AssertionError("no spare task id became ready")
+
+
+def next_spare(store: RedisResultStore) -> str:
+    """The id the next ``spare_task_id()`` hands out (oldest first)."""
+    return next(iter(store._waiting._spares.values()))
+
+
+async def next_ready_spare(store: RedisResultStore) -> str:
+    """``next_spare``, once Redis confirmed its subscription (it is handed out then)."""
+    spare = next_spare(store)
+    key = store.key_for(spare).encode()
+    await eventually(lambda: key in store._waiting._confirmed)
+    return spare
+
+
+async def test_spare_ids_come_subscribed_ahead(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    assert store.spare_task_id() is None  # no listener yet: nothing asked of Redis
+    assert not store._waiting._spares
+    await listening(store, unique)
+    assert store.spare_task_id() is None  # none ready: asks for SPARES in one go
+    assert len(store._waiting._spares) == redis_listener.SPARES
+    spare = await ready_spare(store)
+    await until_subscribed(raw, store.key_for(spare))  # before the task was even sent
+    await eventually(lambda: not store._waiting._ops)
+    arrival = store.expect(spare)
+    assert arrival is not None
+    assert not store._waiting._ops  # nothing left to subscribe
+    await store.store(spare, make_meta(spare, "SUCCESS", 11))
+    await asyncio.wait_for(arrival, 5)
+    assert (await store.wait(spare, timeout=5))["result"] == 11
+    await until_numsub(raw, store.key_for(spare), 0)
+    # Handed out once each, oldest first; refilled when fewer than SPARES_LOW are left.
+    taken = {spare}
+    while True:
+        left, expected = len(store._waiting._spares), next_spare(store)
+        assert await ready_spare(store) == expected
+        assert expected not in taken
+        taken.add(expected)
+        store.unexpect(expected)
+        if len(store._waiting._spares) > left:  # refilled
+            break
+    assert len(taken) == redis_listener.SPARES - redis_listener.SPARES_LOW + 1
+    assert len(store._waiting._spares) == redis_listener.SPARES
+    await ready_spare(store)  # the refill is confirmed in turn
+    for task_id in taken:
+        await until_numsub(raw, store.key_for(task_id), 0)
+    assert not taken & set(store._waiting._spares.values())
+
+
+async def test_spares_are_dropped_with_their_connection(
+    store: RedisResultStore, raw: aioredis.Redis, unique: str
+) -> None:
+    await listening(store, unique)
+    store.unexpect(await ready_spare(store))
+    old = set(store._waiting._spares.values())
+    await raw.client_kill_filter(_id=await pubsub_connection_id(raw, store))
+    await eventually(lambda: not old & set(store._waiting._spares.values()))
+    spare = await ready_spare(store)  # new ones, on the new connection
+    assert spare not in old
+    await until_subscribed(raw, store.key_for(spare))
+
+
+async def test_delay_sends_with_a_spare_id_and_lets_it_go_on_failure(
+    amqp_url: str, redis_url: str, raw: aioredis.Redis, unique: str
+) -> None:
+    app = AioQueue("perf", broker=amqp_url, backend=redis_url, task_default_queue=unique)
+
+    @app.task(name=f"{unique}.noop")
+    async def noop() -> None:
+        return None
+
+    try:
+        store = await app.get_result_store()
+        assert isinstance(store, RedisResultStore)
+        await listening(store, unique)
+        store.unexpect(await ready_spare(store))
+        spare = await next_ready_spare(store)
+        result = await noop.delay()
+        assert result.id == spare
+        await store.store(result.id, make_meta(result.id, "SUCCESS", 42))  # as a worker would
+        assert await result.get(timeout=5) == 42
+        spare = await next_ready_spare(store)
+        with pytest.raises(exceptions.BrokerError):
+            await noop.apply_async(exchange=f"{unique}-missing")
+        await until_numsub(raw, store.key_for(spare), 0)
+        assert spare not in store._waiting._spares.values()
+        await eventually(lambda: not store._waiting._expected)
+        given = new_id(unique)  # a given id never comes from the spares
+        assert (await noop.apply_async(task_id=given)).id == given
     finally:
         await app.close()
         await delete_queues(amqp_url, [unique])

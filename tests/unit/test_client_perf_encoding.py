@@ -289,9 +289,9 @@ def test_parse_refuses_what_is_not_resp() -> None:
 
 
 def test_task_ids_look_like_str_uuid4() -> None:
-    from aioqueue.app import _new_task_id
+    from aioqueue.protocol import new_task_id
 
-    ids = {_new_task_id() for _ in range(1000)}
+    ids = {new_task_id() for _ in range(1000)}
     assert len(ids) == 1000
     for value in list(ids)[:50]:
         parsed = uuid.UUID(value)
