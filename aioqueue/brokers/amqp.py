@@ -11,7 +11,9 @@ One robust connection (aio-pika reconnects it by itself) with three kinds of cha
   prefetch applies to that consumer only.
 
 Per-message paths use the underlying aiormq channel directly, not aio-pika's ``Message``
-wrappers (see the consumer module for why): deliver and ack in the consumer module; publish
+wrappers (see the consumer module for why), and received frames are cut from the socket's
+buffer and decoded by our code (:mod:`aioqueue.brokers.amqp_framing`,
+:mod:`aioqueue.brokers.amqp_decoding`): deliver and ack in the consumer module; publish
 through :mod:`aioqueue.brokers.amqp_publisher`, which writes the messages of one loop
 iteration together (frames from :mod:`aioqueue.brokers.amqp_frames`), or through aiormq's
 ``basic_publish`` if the channel lacks what that needs. The connection and channel
@@ -49,6 +51,7 @@ from .amqp_channel import (
 from .amqp_consumer import AmqpConsumer, AmqpDelivery
 from .amqp_decoding import use_fast_frame_decoding
 from .amqp_frames import pamqp_properties
+from .amqp_framing import use_whole_frame_reading
 from .amqp_headers import use_pyamqp_compatible_field_tables
 from .amqp_publisher import ChannelPublisher
 from .base import Broker
@@ -68,6 +71,7 @@ class AmqpBroker(Broker):
         super().__init__(url, settings)
         use_pyamqp_compatible_field_tables()
         use_fast_frame_decoding()  # and field tables: pamqp's values, read in place
+        use_whole_frame_reading()  # frames cut from the buffer whole, when they are there
         self._connection: AbstractRobustConnection | None = None
         self._publish: Channel | None = None
         self._publisher: ChannelPublisher | None = None  # for the publish channel's current one

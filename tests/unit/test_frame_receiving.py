@@ -1,0 +1,184 @@
+"""``amqp_framing``: frames cut whole from the buffer come out exactly as aiormq reads them.
+
+A stream of real frames (a publisher's deliver, header and body frames, confirms, a
+heartbeat, a frame carrying a big body), fed in chunks split at random places, is read by
+aiormq's own ``get_frame`` and by ours, and the results must be the same frames on the same
+channels with the same sizes. Then the cases ours leaves to aiormq: the protocol header
+still unchecked, a read in progress holding the lock, an error or the end of the stream,
+and what both raise for a frame without its frame end; and flow control (a paused
+transport is resumed once the buffer drains).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pamqp.frame
+import pytest
+from aiormq.connection import FrameReceiver
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from pamqp import commands as spec
+from pamqp.heartbeat import Heartbeat
+
+from aioqueue.brokers import amqp_framing
+from aioqueue.brokers.amqp_frames import encode_publish
+from aioqueue.brokers.amqp_framing import use_whole_frame_reading
+from aioqueue.protocol import encode_task, new_task_id
+
+use_whole_frame_reading()
+AIORMQ_GET_FRAME = amqp_framing._aiormq_get_frame[0]
+
+
+def delivery(tag: int, body_size: int = 0) -> bytes:
+    """The frames a worker receives for one task message (a Deliver in place of the Publish)."""
+    envelope = encode_task(task="t.noop", task_id=new_task_id(), args=("x" * body_size,),
+                           kwargs={}, reply_to=new_task_id())
+    published = encode_publish(3, "", "celery", envelope, 131064)
+    size = int.from_bytes(published[3:7])
+    deliver = spec.Basic.Deliver(consumer_tag="aioqueue.c", delivery_tag=tag, routing_key="celery")
+    return pamqp.frame.marshal(deliver, 3) + published[8 + size:]
+
+
+def stream(rng: random.Random) -> bytes:
+    parts = [pamqp.frame.marshal(Heartbeat(), 0)]
+    for tag in range(1, 40):
+        kind = rng.randrange(4)
+        if kind == 0:
+            parts.append(pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=tag, multiple=True), 1))
+        else:
+            parts.append(delivery(tag, rng.choice([0, 10, 300_000]) if kind == 1 else 0))
+    return b"".join(parts)
+
+
+def comparable(received: Any) -> tuple[Any, ...]:
+    size, channel, frame = received
+    return size, channel, type(frame), pamqp.frame.marshal(frame, channel)
+
+
+async def read_all(data: bytes, rng: random.Random, get_frame: Any) -> list[tuple[Any, ...]]:
+    """Feed ``data`` in random chunks, reading every frame as it becomes available."""
+    reader = asyncio.StreamReader()
+    receiver = FrameReceiver(reader)
+    receiver.started = True
+    out: list[tuple[Any, ...]] = []
+
+    async def feed() -> None:
+        position = 0
+        while position < len(data):
+            step = rng.choice([1, 7, 8, 100, 4096, 70_000])
+            reader.feed_data(data[position:position + step])
+            position += step
+            await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeder = asyncio.create_task(feed())
+    for _ in range(count_frames(data)):
+        out.append(comparable(await get_frame(receiver)))
+    await feeder
+    with pytest.raises(StopAsyncIteration):  # at the end of the stream, as aiormq's
+        await get_frame(receiver)
+    return out
+
+
+def count_frames(data: bytes) -> int:
+    count = position = 0
+    while position < len(data):
+        position += 8 + int.from_bytes(data[position + 3:position + 7])
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_the_same_frames_as_aiormq_reads(seed: int) -> None:
+    data = stream(random.Random(seed))
+    theirs = await read_all(data, random.Random(seed), AIORMQ_GET_FRAME)
+    ours = await read_all(data, random.Random(seed + 100), FrameReceiver.get_frame)
+    assert ours == theirs
+    assert len(ours) > 40
+
+
+async def test_the_protocol_header_is_left_to_aiormq() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"AMQP\x00\x00\x09\x01")  # the server refusing our protocol version
+    with pytest.raises(ProtocolSyntaxError):
+        await FrameReceiver(reader).get_frame()
+
+
+async def test_a_read_in_progress_keeps_the_next_bytes() -> None:
+    ack = pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=1), 1)
+    second = pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=2), 1)
+    reader = asyncio.StreamReader()
+    receiver = FrameReceiver(reader)
+    receiver.started = True
+    reader.feed_data(ack[:5])
+    first = asyncio.create_task(receiver.get_frame())  # holds the lock, waits for the rest
+    await asyncio.sleep(0)
+    reader.feed_data(ack[5:] + second)
+    later = await receiver.get_frame()  # must not take the first frame's bytes
+    assert (await first)[2].delivery_tag == 1
+    assert later[2].delivery_tag == 2
+
+
+async def test_an_error_or_the_end_of_the_stream_is_aiormq_s() -> None:
+    ack = pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=1), 1)
+    reader = asyncio.StreamReader()
+    receiver = FrameReceiver(reader)
+    receiver.started = True
+    reader.feed_data(ack)
+    reader.set_exception(ConnectionResetError("reset"))
+    with pytest.raises(AMQPConnectionError, match="reset"):
+        await receiver.get_frame()
+    ended = FrameReceiver(asyncio.StreamReader())
+    ended.started = True
+    ended.reader.feed_eof()
+    with pytest.raises(StopAsyncIteration):
+        await ended.get_frame()
+
+
+async def test_a_frame_without_its_end_is_an_invalid_frame_either_way() -> None:
+    broken = bytearray(pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=1), 1))
+    broken[-1] = 0
+    errors = []
+    for get_frame in (AIORMQ_GET_FRAME, FrameReceiver.get_frame):
+        reader = asyncio.StreamReader()
+        receiver = FrameReceiver(reader)
+        receiver.started = True
+        reader.feed_data(bytes(broken))
+        with pytest.raises(InvalidFrameError) as info:
+            await get_frame(receiver)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
+class PausableTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+async def test_a_paused_transport_is_resumed_once_the_buffer_drains() -> None:
+    reader = asyncio.StreamReader(limit=1024)
+    transport = PausableTransport()
+    reader.set_transport(transport)
+    receiver = FrameReceiver(reader)
+    receiver.started = True
+    frames = [pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=tag), 1) for tag in range(200)]
+    reader.feed_data(b"".join(frames))  # over twice the limit: the reader pauses it
+    assert transport.paused
+    tags = [(await receiver.get_frame())[2].delivery_tag for _ in frames]
+    assert tags == list(range(200))
+    assert not transport.paused
+
+
+def test_installed_once() -> None:
+    use_whole_frame_reading()
+    assert amqp_framing._aiormq_get_frame == [AIORMQ_GET_FRAME]
+    assert FrameReceiver.get_frame is amqp_framing._get_frame
