@@ -8,7 +8,8 @@ Per-message paths (deliver, ack) use the underlying aiormq channel directly: aio
 consume throughput (measured locally), and the raw AMQP properties are what the ``Envelope``
 holds anyway (``expiration`` stays the millisecond string Celery sent). aio-pika's robust
 consumers cannot be used that way, so a consumer subscribes again by itself when aio-pika
-reopens its channel.
+reopens its channel. Deliveries come to ``_on_delivery`` straight from the connection's frame
+reader when they can (:mod:`aioqueue.brokers.amqp_framing`), else through aiormq's channel.
 
 Acks and rejects are written once per loop iteration, not one frame (and one ``send()``)
 each: ``ack()``/``reject()`` queue the settle and wait until it is on the connection's write
@@ -42,6 +43,7 @@ from pamqp import commands as spec
 from ..exceptions import BrokerConnectionError, BrokerError
 from ..protocol import Envelope
 from .amqp_channel import AMQP_ERRORS, CONNECTION_ERRORS, close_quietly, declare_on, translate
+from .amqp_framing import deliver_directly, stop_delivering_directly
 from .base import Consumer, Delivery
 
 if TYPE_CHECKING:
@@ -387,18 +389,27 @@ class AmqpConsumer(Consumer):
         self._underlay = channel
         channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
         for name in self._queues:
+            tag = self._tags[name]
+            # Before the basic.consume: its first deliveries may come right behind the reply.
+            deliver_directly(tag, channel, self._on_delivery)
             await channel.basic_consume(
-                name, self._on_message, no_ack=self._no_ack, consumer_tag=self._tags[name]
+                name, self._on_message, no_ack=self._no_ack, consumer_tag=tag
             )
 
     def _on_message(self, message: DeliveredMessage) -> Coroutine[Any, Any, None]:
-        """aiormq's consumer callback, for every delivery: keep it minimal.
+        """aiormq's consumer callback, for deliveries that take aiormq's path.
 
         A plain function: aiormq calls it in its channel reader and wraps what it returns in
         a task, so the delivery is buffered (and a waiting ``receive()`` woken) right there,
-        one loop iteration before that task would run. It must not raise: an exception here
-        would end aiormq's channel reader.
+        one loop iteration before that task would run.
         """
+        self._on_delivery(message)
+        return _nothing()
+
+    def _on_delivery(self, message: DeliveredMessage) -> None:
+        """Every delivery, from the frame reader (``amqp_framing.deliver_directly``) or from
+        aiormq's channel reader (``_on_message``): keep it minimal. It must not raise: an
+        exception here would end aiormq's reader."""
         try:
             if not self._no_ack:
                 # Registered first, whatever happens next: a multiple ack must know every tag.
@@ -406,11 +417,10 @@ class AmqpConsumer(Consumer):
                 tags.open.append(message.delivery_tag or 0)
                 if self._stopped:
                     self._requeue(tags, message)  # written by the settler, in order
-                    return _nothing()
+                    return
             self._buffer.put_nowait(message)
         except Exception:  # a bug; the message stays unacknowledged until the channel closes
             logger.exception("could not buffer an AMQP delivery")
-        return _nothing()
 
     def _tags_of(self, channel: AbstractChannel) -> _Tags:
         tags = self._last
@@ -570,11 +580,17 @@ class AmqpConsumer(Consumer):
     def _terminate(self) -> None:
         """The broker is closing the connection: wake receivers, no network calls."""
         self._stopped = True
+        self._undirect()
         self._channel = None  # closed with the connection
         self._settler.abandon()  # nothing should be pending: settles are awaited
         self._buffer.put_nowait(None)
 
+    def _undirect(self) -> None:
+        for tag in self._tags.values():
+            stop_delivering_directly(tag)
+
     async def _close_channel(self) -> None:
+        self._undirect()
         channel, self._channel = self._channel, None
         if channel is not None:
             await self._settler.written()  # the channel's last settles go out before it closes

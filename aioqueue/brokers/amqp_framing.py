@@ -1,70 +1,195 @@
-"""AMQP frames taken whole from the socket's buffer, for aiormq's connection reader.
+"""AMQP frames taken whole from the socket's buffer by aiormq's connection reader, and whole
+deliveries handed from there to their consumer.
 
 aiormq's ``FrameReceiver.get_frame`` reads every frame in three awaited ``readexactly``
 calls (type, then channel and size, then payload and frame end) into a ``BytesIO`` under
-an ``asyncio.Lock``, copying the bytes twice more on the way. A worker receives three
-frames per message (deliver, content header, body), a client one per publisher confirm,
-and nearly always the whole frame is in the buffer already. ``use_whole_frame_reading``
-replaces, once, ``get_frame`` with a method that, when the frame is all there, cuts it out
-of the ``StreamReader``'s buffer in one slice and hands it to ``pamqp.frame.unmarshal``
-(as aiormq does). In every other case it calls aiormq's own method, saved at install: a
-frame not complete yet, the protocol header still to check (``started``), another call
-holding aiormq's lock (a read in progress owns the next bytes), an error or end of
-stream on the reader. Results and exceptions are aiormq's: the same tuple, pamqp's
-errors as ``InvalidFrameError``.
+an ``asyncio.Lock``, copying the bytes twice more on the way; the connection's reader then
+queues each frame for the channel's own reader task, which assembles a delivery from its
+three frames (deliver, content header, body) and starts a task for the consumer callback.
+``use_whole_frame_reading`` replaces, once, ``get_frame`` with a method that:
 
-It reads two attributes of ``asyncio.StreamReader`` that are not public but have kept
-their meaning since Python 3.4: ``_buffer`` (a bytearray) and ``_maybe_resume_transport()``
-(flow control, called after bytes are taken, as every read method does). The method is
-installed only where the latter is there and aiormq's ``FrameReceiver`` sets the attributes
-it uses (``reader``, ``started``, ``lock``); a reader without a bytearray ``_buffer`` is
-left to aiormq.
+* cuts each frame that is all there out of the ``StreamReader``'s buffer in one slice and
+  hands it to ``pamqp.frame.unmarshal``, as aiormq does, and waits for data itself when
+  nothing whole is there;
+* hands a delivery for a consumer registered with ``deliver_directly`` straight to its
+  callback, when all its frames are there, well formed, and its channel has no frame still
+  waiting for aiormq's channel reader (a delivery never overtakes an earlier frame of its
+  channel: a reply, a cancel, or an earlier delivery on aiormq's path). The callback gets
+  the ``DeliveredMessage`` aiormq would have built. aiormq is then handed a heartbeat
+  frame in place of the deliveries it did not see, which it takes as a sign of life and
+  otherwise ignores. This saves the channel reader's loop iteration and aiormq's task per
+  delivery: ~55 µs of a no-op round trip on the two-core machine.
+
+Everything else goes to aiormq's own method, saved at install: the protocol header still
+to check (``started``), another call holding aiormq's lock, an error or the end of the
+stream on the reader (aiormq raises what it always raises), a malformed frame (pamqp's
+error as ``InvalidFrameError``), a delivery not all there yet or for no registered
+consumer (aiormq's channel path, which calls the consumer's callback as before).
+
+It uses four attributes of ``asyncio.StreamReader`` that are not public but have kept their
+meaning since Python 3.4: ``_buffer`` (a bytearray), ``_eof``, ``_wait_for_data()`` and
+``_maybe_resume_transport()`` (flow control, called after bytes are taken, as every read
+method does). The method is installed only where they are there and aiormq's
+``FrameReceiver`` sets the attributes it uses (``reader``, ``started``, ``lock``); a reader
+without a bytearray ``_buffer`` is left to aiormq.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pamqp.frame
+from aiormq.abc import AbstractChannel, DeliveredMessage
 from aiormq.connection import FrameReceiver
 from aiormq.exceptions import InvalidFrameError
+from pamqp import commands as spec
 from pamqp.exceptions import PAMQPException
+from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
 
-__all__ = ("use_whole_frame_reading",)
+__all__ = ("deliver_directly", "stop_delivering_directly", "use_whole_frame_reading")
+
+logger = logging.getLogger("aioqueue.brokers.amqp")
 
 _FRAME_HEADER = 7  # type (1), channel (2), payload size (4); the frame end (1) follows the payload
+_FRAME_END = 0xCE
+_METHOD, _HEADER, _BODY = 1, 2, 3
+_BASIC_DELIVER = b"\x00\x3c\x00\x3c"  # class 60, method 60, the first bytes of the payload
+# What aiormq's reader is handed in place of the deliveries it did not see: it notes that
+# a frame came (its heartbeat watch) and does nothing else.
+_NOTHING_ELSE = (8, 0, Heartbeat())
 
 GetFrame = Callable[[Any], Awaitable[Any]]
+Callback = Callable[[DeliveredMessage], object]
 _aiormq_get_frame: list[GetFrame] = []  # aiormq's own method, once installed
+# Consumer tag -> the aiormq channel it consumes on and the callback its deliveries go to.
+_direct: dict[str, tuple[Any, Callback]] = {}
+
+
+def deliver_directly(consumer_tag: str, channel: AbstractChannel, callback: Callback) -> None:
+    """Hand deliveries for ``consumer_tag`` on ``channel`` to ``callback`` from the frame
+    reader itself (see the module docstring); the callback must not raise. Registered
+    before ``basic.consume``, again for the new channel after a reconnect."""
+    _direct[consumer_tag] = (channel, callback)
+
+
+def stop_delivering_directly(consumer_tag: str) -> None:
+    """Back to aiormq's path (which calls the same callback, if still subscribed)."""
+    _direct.pop(consumer_tag, None)
 
 
 async def _get_frame(self: Any) -> Any:
-    """``FrameReceiver.get_frame``: the next frame, cut from the buffer when it is all there."""
+    """``FrameReceiver.get_frame``: the next frame, cut from the buffer when it is all there;
+    whole deliveries for a registered consumer go to it on the way."""
     reader = getattr(self, "reader", None)  # aiormq deletes it at the end of the stream
-    if reader is not None and self.started and not self.lock.locked():
-        buffer = getattr(reader, "_buffer", None)
-        if (type(buffer) is bytearray and len(buffer) > _FRAME_HEADER
-                and reader.exception() is None):
-            end = _FRAME_HEADER + int.from_bytes(buffer[3:_FRAME_HEADER]) + 1
-            if len(buffer) >= end:
-                data = bytes(buffer[:end])
-                del buffer[:end]
-                reader._maybe_resume_transport()
-                try:
-                    return pamqp.frame.unmarshal(data)
-                except PAMQPException as exc:
-                    raise InvalidFrameError(str(exc)) from exc
+    buffer = getattr(reader, "_buffer", None)
+    if reader is None or not self.started or type(buffer) is not bytearray:
+        return await _aiormq_get_frame[0](self)
+    while not self.lock.locked() and reader.exception() is None:
+        frame = _take(reader, buffer)
+        if frame is not None:
+            return frame
+        if reader._eof:  # what is left is cut short: aiormq says so
+            break
+        async with self.lock:
+            try:
+                await reader._wait_for_data("get_frame")
+            except Exception:  # the connection's error, set on the reader: raised below
+                pass
     return await _aiormq_get_frame[0](self)
 
 
+def _take(reader: Any, buffer: bytearray) -> Any:
+    """The first whole frame in ``buffer``, unmarshalled and cut out, after handing over
+    the whole deliveries in front of it; ``_NOTHING_ELSE`` if there were only deliveries,
+    None if there was nothing whole."""
+    handed = False
+    while len(buffer) > _FRAME_HEADER:
+        end = _FRAME_HEADER + int.from_bytes(buffer[3:_FRAME_HEADER]) + 1
+        if len(buffer) < end:
+            break
+        if (_direct and buffer[0] == _METHOD and buffer[7:11] == _BASIC_DELIVER
+                and _deliver(buffer, end)):
+            handed = True
+            continue
+        data = bytes(buffer[:end])
+        del buffer[:end]
+        reader._maybe_resume_transport()
+        try:
+            return pamqp.frame.unmarshal(data)
+        except PAMQPException as exc:
+            raise InvalidFrameError(str(exc)) from exc
+    if handed:
+        reader._maybe_resume_transport()
+        return _NOTHING_ELSE
+    return None
+
+
+def _deliver(buffer: bytearray, end: int) -> bool:
+    """Hand the delivery at the start of ``buffer`` (its Deliver frame ends at ``end``) to
+    its consumer and cut it out, if it is all there, well formed, and its channel has no
+    frame waiting for aiormq's channel reader (else it would overtake them); else False,
+    with the buffer untouched."""
+    number = buffer[1:3]
+    header_end = end + _FRAME_HEADER
+    if len(buffer) < header_end or buffer[end] != _HEADER or buffer[end + 1:end + 3] != number:
+        return False
+    header_end += int.from_bytes(buffer[end + 3:header_end]) + 1
+    if len(buffer) < header_end or header_end - end < 28:  # class, weight, size, flags
+        return False
+    body_size = int.from_bytes(buffer[end + 11:end + 19])
+    parts: list[bytes] = []
+    got = 0
+    position = header_end
+    while got < body_size:
+        start = position + _FRAME_HEADER
+        if (len(buffer) < start or buffer[position] != _BODY
+                or buffer[position + 1:position + 3] != number):
+            return False
+        size = int.from_bytes(buffer[position + 3:start])
+        position = start + size + 1
+        if len(buffer) < position or buffer[position - 1] != _FRAME_END:
+            return False
+        parts.append(bytes(buffer[start:start + size]))
+        got += size
+    if got != body_size or buffer[end - 1] != _FRAME_END or buffer[header_end - 1] != _FRAME_END:
+        return False
+    try:
+        _, _, deliver = pamqp.frame.unmarshal(bytes(buffer[:end]))
+        _, _, header = pamqp.frame.unmarshal(bytes(buffer[end:header_end]))
+    except PAMQPException:
+        return False  # aiormq's path raises it
+    if not isinstance(deliver, spec.Basic.Deliver) or not isinstance(header, ContentHeader):
+        return False
+    registered = _direct.get(deliver.consumer_tag or "")
+    if registered is None:
+        return False
+    channel, callback = registered
+    if (channel.number != int.from_bytes(number) or channel.is_closed
+            or not channel.frames.empty()):
+        return False
+    del buffer[:position]
+    body = parts[0] if len(parts) == 1 else b"".join(parts)
+    try:
+        callback(DeliveredMessage(delivery=deliver, header=header, body=body, channel=channel))
+    except Exception:  # a bug: the message stays unacknowledged until the channel closes
+        logger.exception("could not hand over an AMQP delivery")
+    return True
+
+
 def _supported() -> bool:
-    # Checked on the classes: an instance would need an event loop. ``_buffer`` is checked
-    # on each call instead (an instance attribute), which costs next to nothing.
+    # Checked on the classes: an instance would need an event loop.
     names = FrameReceiver.__init__.__code__.co_names
-    return callable(getattr(asyncio.StreamReader, "_maybe_resume_transport", None)) and all(
-        name in names for name in ("reader", "started", "lock")
+    stream = asyncio.StreamReader
+    return (
+        all(callable(getattr(stream, name, None))
+            for name in ("_maybe_resume_transport", "_wait_for_data"))
+        and "_eof" in stream.__init__.__code__.co_names
+        and "_buffer" in stream.__init__.__code__.co_names
+        and all(name in names for name in ("reader", "started", "lock"))
     )
 
 

@@ -1,4 +1,5 @@
-"""``amqp_framing``: frames cut whole from the buffer come out exactly as aiormq reads them.
+"""``amqp_framing``: frames cut whole from the buffer come out exactly as aiormq reads them,
+and whole deliveries for a registered consumer go to it, as aiormq's channel would build them.
 
 A stream of real frames (a publisher's deliver, header and body frames, confirms, a
 heartbeat, a frame carrying a big body), fed in chunks split at random places, is read by
@@ -6,7 +7,10 @@ aiormq's own ``get_frame`` and by ours, and the results must be the same frames 
 channels with the same sizes. Then the cases ours leaves to aiormq: the protocol header
 still unchecked, a read in progress holding the lock, an error or the end of the stream,
 and what both raise for a frame without its frame end; and flow control (a paused
-transport is resumed once the buffer drains).
+transport is resumed once the buffer drains). Deliveries: handed over whole (bodies in one
+frame, several, or none), in order with the frames around them; left to aiormq when not all
+there, when the channel has frames waiting for aiormq's reader, for another consumer, channel
+or a closed channel, or when a frame is malformed; and an idle reader waits for data itself.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ import pytest
 from aiormq.connection import FrameReceiver
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from aioqueue.brokers import amqp_framing
 from aioqueue.brokers.amqp_frames import encode_publish
-from aioqueue.brokers.amqp_framing import use_whole_frame_reading
+from aioqueue.brokers.amqp_framing import (
+    deliver_directly,
+    stop_delivering_directly,
+    use_whole_frame_reading,
+)
 from aioqueue.protocol import encode_task, new_task_id
 
 use_whole_frame_reading()
@@ -182,3 +192,174 @@ def test_installed_once() -> None:
     use_whole_frame_reading()
     assert amqp_framing._aiormq_get_frame == [AIORMQ_GET_FRAME]
     assert FrameReceiver.get_frame is amqp_framing._get_frame
+
+
+# --------------------------------------------------------------------------------------------
+# Whole deliveries
+# --------------------------------------------------------------------------------------------
+
+
+class FakeChannel:
+    """What the frame reader looks at on an aiormq channel."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.is_closed = False
+        self.frames: asyncio.Queue[Any] = asyncio.Queue()
+
+
+def deliver_frames(channel: int, tag: int, body: bytes, consumer: str = "aioqueue.c",
+                   frame_body: int = 100_000) -> bytes:
+    properties = spec.Basic.Properties(content_type="application/json", delivery_mode=2,
+                                       headers={"id": str(tag), "task": "t.noop"})
+    parts = [
+        pamqp.frame.marshal(spec.Basic.Deliver(consumer_tag=consumer, delivery_tag=tag,
+                                               routing_key="celery"), channel),
+        pamqp.frame.marshal(ContentHeader(0, len(body), properties), channel),
+    ]
+    parts += [pamqp.frame.marshal(ContentBody(body[at:at + frame_body]), channel)
+              for at in range(0, len(body), frame_body)]
+    return b"".join(parts)
+
+
+@pytest.fixture
+def consumer() -> Any:
+    channel = FakeChannel(3)
+    got: list[Any] = []
+    deliver_directly("aioqueue.c", channel, got.append)  # type: ignore[arg-type]
+    yield channel, got
+    stop_delivering_directly("aioqueue.c")
+
+
+def started(data: bytes = b"") -> FrameReceiver:
+    reader = asyncio.StreamReader()
+    receiver = FrameReceiver(reader)
+    receiver.started = True
+    if data:
+        reader.feed_data(data)
+    return receiver
+
+
+def summary(message: Any) -> tuple[Any, ...]:
+    return (message.delivery_tag, message.body, message.header.body_size,
+            message.header.properties.headers, message.delivery.routing_key)
+
+
+async def test_whole_deliveries_go_to_their_consumer(consumer: Any) -> None:
+    channel, got = consumer
+    ack = pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=9), 1)
+    big = bytes(range(256)) * 1000
+    data = (deliver_frames(3, 1, b"[[], {}, {}]") + ack + deliver_frames(3, 2, b"")
+            + deliver_frames(3, 3, big, frame_body=100_000))
+    receiver = started(data)
+    first = await receiver.get_frame()
+    assert first[2].delivery_tag == 9  # the frame behind the first delivery, in its turn
+    assert [m.delivery_tag for m in got] == [1]
+    assert await receiver.get_frame() == amqp_framing._NOTHING_ELSE
+    assert [summary(m) for m in got] == [
+        (1, b"[[], {}, {}]", 12, {"id": "1", "task": "t.noop"}, "celery"),
+        (2, b"", 0, {"id": "2", "task": "t.noop"}, "celery"),
+        (3, big, len(big), {"id": "3", "task": "t.noop"}, "celery"),
+    ]
+    assert all(m.channel is channel for m in got)
+    assert not receiver.reader._buffer  # type: ignore[attr-defined]
+
+
+async def test_an_idle_reader_waits_and_hands_over(consumer: Any) -> None:
+    _, got = consumer
+    receiver = started()
+    reading = asyncio.create_task(receiver.get_frame())
+    await asyncio.sleep(0)
+    data = deliver_frames(3, 5, b"body")
+    receiver.reader.feed_data(data[:30])  # not all there yet: still waiting
+    await asyncio.sleep(0)
+    assert not reading.done()
+    receiver.reader.feed_data(data[30:])
+    assert await reading == amqp_framing._NOTHING_ELSE
+    assert [m.body for m in got] == [b"body"]
+
+
+async def test_the_end_or_an_error_while_waiting_is_aiormq_s(consumer: Any) -> None:
+    receiver = started()
+    reading = asyncio.create_task(receiver.get_frame())
+    await asyncio.sleep(0)
+    receiver.reader.feed_data(b"\x01\x00")
+    receiver.reader.feed_eof()
+    with pytest.raises(AMQPConnectionError, match="unexpectedly closed"):
+        await reading
+    receiver = started()
+    reading = asyncio.create_task(receiver.get_frame())
+    await asyncio.sleep(0)
+    receiver.reader.set_exception(ConnectionResetError("reset"))
+    with pytest.raises(AMQPConnectionError, match="reset"):
+        await reading
+
+
+async def frames_read(receiver: FrameReceiver, count: int) -> list[Any]:
+    return [type((await receiver.get_frame())[2]) for _ in range(count)]
+
+
+ON_AIORMQ_S_PATH = [spec.Basic.Deliver, ContentHeader, ContentBody]
+
+
+async def test_a_delivery_not_all_there_is_aiormq_s(consumer: Any) -> None:
+    _, got = consumer
+    data = deliver_frames(3, 1, b"body")
+    receiver = started(data[:-3])
+    assert await frames_read(receiver, 2) == ON_AIORMQ_S_PATH[:2]
+    receiver.reader.feed_data(data[-3:])
+    assert await frames_read(receiver, 1) == ON_AIORMQ_S_PATH[2:]
+    assert got == []
+
+
+async def test_frames_waiting_for_aiormq_s_channel_reader_are_not_overtaken(
+    consumer: Any,
+) -> None:
+    channel, got = consumer
+    channel.frames.put_nowait((0, spec.Basic.ConsumeOk(consumer_tag="aioqueue.c")))
+    receiver = started(deliver_frames(3, 1, b"body"))
+    assert await frames_read(receiver, 3) == ON_AIORMQ_S_PATH
+    assert got == []
+
+
+@pytest.mark.parametrize("case", ["other consumer", "other channel", "closed", "stopped"])
+async def test_deliveries_for_nobody_registered_are_aiormq_s(consumer: Any, case: str) -> None:
+    channel, got = consumer
+    data = deliver_frames(3, 1, b"body")
+    if case == "other consumer":
+        data = deliver_frames(3, 1, b"body", consumer="someone.else")
+    elif case == "other channel":
+        data = deliver_frames(4, 1, b"body")
+    elif case == "closed":
+        channel.is_closed = True
+    else:
+        stop_delivering_directly("aioqueue.c")
+    assert await frames_read(started(data), 3) == ON_AIORMQ_S_PATH
+    assert got == []
+
+
+async def test_a_malformed_delivery_is_aiormq_s_to_refuse(consumer: Any) -> None:
+    _, got = consumer
+    data = bytearray(deliver_frames(3, 1, b"body"))
+    data[-1] = 0  # the body frame's end
+    receiver = started(bytes(data))
+    assert await frames_read(receiver, 2) == ON_AIORMQ_S_PATH[:2]
+    with pytest.raises(InvalidFrameError):
+        await receiver.get_frame()
+    assert got == []
+
+
+async def test_a_failing_callback_is_logged_and_reading_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(message: Any) -> None:
+        raise RuntimeError("a bug")
+
+    deliver_directly("aioqueue.c", FakeChannel(3), broken)  # type: ignore[arg-type]
+    try:
+        ack = pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=9), 1)
+        receiver = started(deliver_frames(3, 1, b"body") + ack)
+        assert (await receiver.get_frame())[2].delivery_tag == 9
+    finally:
+        stop_delivering_directly("aioqueue.c")
+    assert "could not hand over an AMQP delivery" in caplog.text
