@@ -38,12 +38,13 @@ from typing import TYPE_CHECKING, Any, cast, overload
 
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, ChannelFrame, DeliveredMessage
+from aiormq.exceptions import AMQPChannelError, ChannelClosed
 from pamqp import commands as spec
 
 from ..exceptions import BrokerConnectionError, BrokerError
 from ..protocol import Envelope
 from .amqp_channel import AMQP_ERRORS, CONNECTION_ERRORS, close_quietly, declare_on, translate
-from .amqp_framing import deliver_directly, stop_delivering_directly
+from .amqp_framing import deliver_directly, delivered_through_aiormq, stop_delivering_directly
 from .base import Consumer, Delivery
 
 if TYPE_CHECKING:
@@ -387,6 +388,7 @@ class AmqpConsumer(Consumer):
         # channel's restore to finish, which waits for this very call in _on_reopen.
         await channel.basic_qos(prefetch_count=self._prefetch, global_=self._global_qos)
         self._underlay = channel
+        channel.closing.add_done_callback(self._on_channel_closed)
         channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
         for name in self._queues:
             tag = self._tags[name]
@@ -396,13 +398,25 @@ class AmqpConsumer(Consumer):
                 name, self._on_message, no_ack=self._no_ack, consumer_tag=tag
             )
 
+    def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
+        """Said when RabbitMQ closes the channel for an error (a plain close or a lost
+        connection is not): every delivery not acknowledged on it runs again."""
+        if closing.cancelled():
+            return
+        exc = closing.exception()
+        if isinstance(exc, AMQPChannelError) and type(exc) is not ChannelClosed:
+            logger.warning("RabbitMQ closed the channel consuming from %s: %s; its "
+                           "unacknowledged deliveries go back to the queue",
+                           ", ".join(self._queues), exc)
+
     def _on_message(self, message: DeliveredMessage) -> Coroutine[Any, Any, None]:
         """aiormq's consumer callback, for deliveries that take aiormq's path.
 
-        A plain function: aiormq calls it in its channel reader and wraps what it returns in
-        a task, so the delivery is buffered (and a waiting ``receive()`` woken) right there,
-        one loop iteration before that task would run.
+        aiormq runs it in a task of its own (its ``awaitable`` wrapper), a loop iteration
+        after its channel reader assembled the delivery; the coroutine returned is awaited
+        there and does nothing.
         """
+        delivered_through_aiormq(message.channel)  # before: direct ones may follow it now
         self._on_delivery(message)
         return _nothing()
 

@@ -13,8 +13,9 @@ three frames (deliver, content header, body) and starts a task for the consumer 
   nothing whole is there;
 * hands a delivery for a consumer registered with ``deliver_directly`` straight to its
   callback, when all its frames are there, well formed, and its channel has no frame still
-  waiting for aiormq's channel reader (a delivery never overtakes an earlier frame of its
-  channel: a reply, a cancel, or an earlier delivery on aiormq's path). The callback gets
+  waiting for aiormq's channel reader and no earlier delivery on aiormq's path that has not
+  reached the consumer yet (aiormq calls consumers from a task, a loop iteration later): a
+  delivery never overtakes an earlier frame of its channel. The callback gets
   the ``DeliveredMessage`` aiormq would have built. aiormq is then handed a heartbeat
   frame in place of the deliveries it did not see, which it takes as a sign of life and
   otherwise ignores. This saves the channel reader's loop iteration and aiormq's task per
@@ -50,7 +51,12 @@ from pamqp.exceptions import PAMQPException
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-__all__ = ("deliver_directly", "stop_delivering_directly", "use_whole_frame_reading")
+__all__ = (
+    "deliver_directly",
+    "delivered_through_aiormq",
+    "stop_delivering_directly",
+    "use_whole_frame_reading",
+)
 
 logger = logging.getLogger("aioqueue.brokers.amqp")
 
@@ -67,18 +73,39 @@ Callback = Callable[[DeliveredMessage], object]
 _aiormq_get_frame: list[GetFrame] = []  # aiormq's own method, once installed
 # Consumer tag -> the aiormq channel it consumes on and the callback its deliveries go to.
 _direct: dict[str, tuple[Any, Callback]] = {}
+# Channel -> deliveries for registered consumers that went aiormq's way and have not reached
+# the consumer yet (``delivered_through_aiormq``). aiormq calls a consumer from a task of
+# its own, a loop iteration later: a delivery handed over directly meanwhile would reach
+# the consumer first, out of order (a consumer merging acks relies on the order).
+_on_aiormq_path: dict[Any, int] = {}
 
 
 def deliver_directly(consumer_tag: str, channel: AbstractChannel, callback: Callback) -> None:
     """Hand deliveries for ``consumer_tag`` on ``channel`` to ``callback`` from the frame
     reader itself (see the module docstring); the callback must not raise. Registered
-    before ``basic.consume``, again for the new channel after a reconnect."""
+    before ``basic.consume``, again for the new channel after a reconnect. The consumer's
+    callback for aiormq's path must call ``delivered_through_aiormq`` first."""
+    previous = _direct.get(consumer_tag)
+    if previous is not None and previous[0] is not channel:
+        _on_aiormq_path.pop(previous[0], None)
     _direct[consumer_tag] = (channel, callback)
 
 
 def stop_delivering_directly(consumer_tag: str) -> None:
     """Back to aiormq's path (which calls the same callback, if still subscribed)."""
-    _direct.pop(consumer_tag, None)
+    previous = _direct.pop(consumer_tag, None)
+    if previous is not None:
+        _on_aiormq_path.pop(previous[0], None)
+
+
+def delivered_through_aiormq(channel: AbstractChannel) -> None:
+    """A delivery that went aiormq's way reached its consumer: once none is left on the
+    way, deliveries on ``channel`` may be handed over directly again."""
+    left = _on_aiormq_path.get(channel, 0) - 1
+    if left > 0:
+        _on_aiormq_path[channel] = left
+    else:
+        _on_aiormq_path.pop(channel, None)
 
 
 async def _get_frame(self: Any) -> Any:
@@ -119,13 +146,23 @@ def _take(reader: Any, buffer: bytearray) -> Any:
         del buffer[:end]
         reader._maybe_resume_transport()
         try:
-            return pamqp.frame.unmarshal(data)
+            received = pamqp.frame.unmarshal(data)
         except PAMQPException as exc:
             raise InvalidFrameError(str(exc)) from exc
+        if _direct and type(received[2]) is spec.Basic.Deliver:
+            _going_through_aiormq(received[1], received[2])
+        return received
     if handed:
         reader._maybe_resume_transport()
         return _NOTHING_ELSE
     return None
+
+
+def _going_through_aiormq(number: int, deliver: spec.Basic.Deliver) -> None:
+    registered = _direct.get(deliver.consumer_tag or "")
+    if registered is not None and registered[0].number == number:
+        channel = registered[0]
+        _on_aiormq_path[channel] = _on_aiormq_path.get(channel, 0) + 1
 
 
 def _deliver(buffer: bytearray, end: int) -> bool:
@@ -169,7 +206,7 @@ def _deliver(buffer: bytearray, end: int) -> bool:
         return False
     channel, callback = registered
     if (channel.number != int.from_bytes(number) or channel.is_closed
-            or not channel.frames.empty()):
+            or not channel.frames.empty() or channel in _on_aiormq_path):
         return False
     del buffer[:position]
     body = parts[0] if len(parts) == 1 else b"".join(parts)

@@ -28,7 +28,10 @@ Costs per wait are kept small because thousands run at once: the timeout is a ti
 fails the waiter's future (not a cancel scope), an UNSUBSCRIBE waits up to
 ``UNSUBSCRIBE_DELAY`` to share a write with other commands, and replies are parsed in bulk
 from whatever the socket holds (:mod:`aioqueue.results.resp`) instead of one
-``read_response()`` per message.
+``read_response()`` per message, in the transport's read callback
+(:mod:`aioqueue.results.redis_replies`): a ready record reaches its waiters in the loop
+iteration its bytes arrive in. Channels for new task ids are subscribed ahead, ``SPARES``
+at a time (``take_spare``), so a task sent with one has nothing left to subscribe.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from .. import states
 from ..exceptions import ResultStoreError, SerializationError
 from ..protocol import new_task_id
 from .base import resolve, timeout_error
-from .resp import Push, ReplyError, parse
+from .redis_replies import ReplyReader
+from .resp import Push, ReplyError
 
 if TYPE_CHECKING:
     from .redis import RedisResultStore
@@ -71,8 +75,6 @@ SPARES = 32
 SPARES_LOW = 16
 # Seconds an UNSUBSCRIBE may wait for other commands to share its write.
 UNSUBSCRIBE_DELAY = 0.05
-# Bytes asked of the socket per read.
-_READ_SIZE = 256 * 1024
 
 _SUBSCRIBE = b"SUBSCRIBE"
 _UNSUBSCRIBE = b"UNSUBSCRIBE"
@@ -489,48 +491,39 @@ class Listener:
 
     async def _read(self, conn: AbstractConnection) -> None:
         reader = getattr(conn, "_reader", None)
-        if not isinstance(reader, asyncio.StreamReader):  # not redis-py's layout: its parser
-            await self._read_replies(conn)
+        writer = getattr(conn, "_writer", None)
+        if not isinstance(reader, asyncio.StreamReader) or writer is None:
+            await self._read_replies(conn)  # not redis-py's layout: its parser
             return
         # redis-py's parser reads exactly one reply at a time, so after the handshake every
-        # byte still in the stream belongs to replies to our own commands: take over here.
+        # byte still in the stream belongs to replies to our own commands: take over here,
+        # in the transport's read callback (redis_replies).
+        transport = writer.transport
+        leftover = bytes(getattr(reader, "_buffer", b""))
+        replies = ReplyReader(self._on_reply, transport.get_protocol(), transport, leftover)
+        transport.set_protocol(replies)
+        # Health check: after a whole interval without a byte, a PING; after another one,
+        # the connection is taken for dead.
         interval = self._store.health_check_interval
+        loop = asyncio.get_running_loop()
         ping_sent = False
-        rest = b""
-        parts: list[bytes] = []
-        have = needed = 0
+        deadline = replies.last_data + interval
         while True:
-            try:
-                async with asyncio.timeout(interval):
-                    chunk = await reader.read(_READ_SIZE)
-            except TimeoutError:  # silence for a whole interval
-                raise_if_cancelled()
-                if ping_sent:
-                    raise RedisConnectionError(
-                        "no answer to PING on the pub/sub connection"
-                    ) from None
-                ping_sent = True
-                self._ops.append((_PING, b""))
-                self._ops_ready.set()
-                continue
+            await asyncio.wait((replies.failed,), timeout=max(0.0, deadline - loop.time()))
             raise_if_cancelled()
-            if not chunk:
-                raise RedisConnectionError("the pub/sub connection was closed by the server")
-            ping_sent = False
-            if rest or parts:  # the end of a reply that started in an earlier read
-                parts.append(chunk)
-                have += len(chunk)
-                if have < needed:
-                    continue
-                chunk = rest + b"".join(parts)
-                parts.clear()
-            try:
-                replies, rest, needed = parse(chunk)
-            except ValueError as exc:  # not RESP: start afresh on a new connection
-                raise RedisConnectionError(f"unreadable reply from Redis: {exc}") from exc
-            have = len(rest)
-            for reply in replies:
-                self._on_reply(reply)
+            if replies.failed.done():
+                replies.failed.result()  # raises: the listener reconnects
+            now = loop.time()
+            if replies.last_data + interval > now:  # heard from Redis within the interval
+                ping_sent = False
+                deadline = replies.last_data + interval
+                continue
+            if ping_sent:
+                raise RedisConnectionError("no answer to PING on the pub/sub connection")
+            ping_sent = True
+            deadline = now + interval
+            self._ops.append((_PING, b""))
+            self._ops_ready.set()
 
     async def _read_replies(self, conn: AbstractConnection) -> None:
         """One ``read_response()`` per reply: for connections without a stream reader."""

@@ -188,6 +188,29 @@ async def test_reject_with_requeue_redelivers(broker: AmqpBroker, rabbit: Rabbit
     assert await rabbit.count(name) == 0
 
 
+async def test_a_channel_closed_by_rabbitmq_for_an_error_is_a_warning(
+    broker: AmqpBroker, rabbit: Rabbit, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = rabbit.name()
+    await broker.declare(Queue(name))
+    await broker.publish(envelope(), routing_key=name)
+    async with broker.consume([name], prefetch=1) as consumer:
+        delivery = await receive(consumer)
+        channel = consumer._underlay
+        assert channel is not None
+        await channel.basic_ack(999)  # a tag RabbitMQ never gave: it closes the channel
+        await asyncio.wait([channel.closing], timeout=5)
+        assert channel.is_closed
+        await delivery.ack()  # lost with the channel: logged, redelivered
+        again = await receive(consumer)  # on the channel aio-pika reopened
+        assert again.redelivered is True
+        await again.ack()
+    assert await rabbit.count(name) == 0
+    [warning] = [r for r in caplog.records if "RabbitMQ closed the channel" in r.message]
+    assert warning.levelname == "WARNING"
+    assert "PRECONDITION_FAILED" in warning.message and name in warning.message
+
+
 async def test_reject_without_requeue_dead_letters(broker: AmqpBroker, rabbit: Rabbit) -> None:
     name, dead = rabbit.name(), rabbit.name(".dead")
     dlx = rabbit.exchange(".dlx")

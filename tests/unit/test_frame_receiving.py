@@ -9,8 +9,9 @@ still unchecked, a read in progress holding the lock, an error or the end of the
 and what both raise for a frame without its frame end; and flow control (a paused
 transport is resumed once the buffer drains). Deliveries: handed over whole (bodies in one
 frame, several, or none), in order with the frames around them; left to aiormq when not all
-there, when the channel has frames waiting for aiormq's reader, for another consumer, channel
-or a closed channel, or when a frame is malformed; and an idle reader waits for data itself.
+there, when the channel has frames waiting for aiormq's reader or an earlier delivery on
+aiormq's path not yet at the consumer, for another consumer, channel or a closed channel, or
+when a frame is malformed; and an idle reader waits for data itself.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from aioqueue.brokers import amqp_framing
 from aioqueue.brokers.amqp_frames import encode_publish
 from aioqueue.brokers.amqp_framing import (
     deliver_directly,
+    delivered_through_aiormq,
     stop_delivering_directly,
     use_whole_frame_reading,
 )
@@ -363,3 +365,24 @@ async def test_a_failing_callback_is_logged_and_reading_goes_on(
     finally:
         stop_delivering_directly("aioqueue.c")
     assert "could not hand over an AMQP delivery" in caplog.text
+
+
+async def test_no_delivery_overtakes_one_still_on_aiormq_s_path(consumer: Any) -> None:
+    # aiormq hands a delivery to the consumer from a task, a loop iteration after its
+    # channel reader took the frames: until the consumer has it, later ones wait their turn
+    # on the same path (a consumer merging acks counts on the order).
+    channel, got = consumer
+    first, second = deliver_frames(3, 1, b"one"), deliver_frames(3, 2, b"two")
+    receiver = started(first[:-2])  # not all there: aiormq's path
+    assert await frames_read(receiver, 2) == ON_AIORMQ_S_PATH[:2]
+    receiver.reader.feed_data(first[-2:] + second)
+    assert await frames_read(receiver, 4) == [ContentBody, *ON_AIORMQ_S_PATH]
+    assert got == []
+    delivered_through_aiormq(channel)  # what the consumer's aiormq callback does, each
+    receiver.reader.feed_data(deliver_frames(3, 3, b"three"))
+    assert await frames_read(receiver, 3) == ON_AIORMQ_S_PATH  # the second is on the way
+    delivered_through_aiormq(channel)
+    delivered_through_aiormq(channel)  # the third: none left, directly from now on
+    receiver.reader.feed_data(deliver_frames(3, 4, b"four"))
+    assert await receiver.get_frame() == amqp_framing._NOTHING_ELSE
+    assert [m.delivery_tag for m in got] == [4]
