@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -256,23 +258,36 @@ async def test_expect_subscribes_in_the_next_loop_iteration(
         await until_subscribed(raw, store.key_for(task_id))
 
 
-async def test_delay_subscribes_while_it_publishes(
-    amqp_url: str, redis_url: str, raw: aioredis.Redis, unique: str
-) -> None:
+@contextlib.asynccontextmanager
+async def listening_app(
+    amqp_url: str, redis_url: str, unique: str
+) -> AsyncIterator[tuple[AioQueue, Any, RedisResultStore]]:
+    """An app with a no-op task whose store listens (it has waited once)."""
     app = AioQueue("perf", broker=amqp_url, backend=redis_url, task_default_queue=unique)
 
     @app.task(name=f"{unique}.noop")
     async def noop() -> None:
         return None
 
-    @app.task(name=f"{unique}.quiet", ignore_result=True)
-    async def quiet() -> None:
-        return None
-
     try:
         store = await app.get_result_store()
         assert isinstance(store, RedisResultStore)
         await listening(store, unique)
+        yield app, noop, store
+    finally:
+        await app.close()
+        await delete_queues(amqp_url, [unique])
+
+
+async def test_delay_subscribes_while_it_publishes(
+    amqp_url: str, redis_url: str, raw: aioredis.Redis, unique: str
+) -> None:
+    async with listening_app(amqp_url, redis_url, unique) as (app, noop, store):
+
+        @app.task(name=f"{unique}.quiet", ignore_result=True)
+        async def quiet() -> None:
+            return None
+
         result = await noop.delay()
         await until_subscribed(raw, store.key_for(result.id))
         await store.store(result.id, make_meta(result.id, "SUCCESS", 42))  # as a worker would
@@ -285,9 +300,6 @@ async def test_delay_subscribes_while_it_publishes(
         for task_id in (ignored.id, failed):  # an UNSUBSCRIBE may wait a moment for company
             await until_numsub(raw, store.key_for(task_id), 0)
         await eventually(lambda: not store._waiting._expected)
-    finally:
-        await app.close()
-        await delete_queues(amqp_url, [unique])
 
 
 async def ready_spare(store: RedisResultStore) -> str:
@@ -365,16 +377,7 @@ async def test_spares_are_dropped_with_their_connection(
 async def test_delay_sends_with_a_spare_id_and_lets_it_go_on_failure(
     amqp_url: str, redis_url: str, raw: aioredis.Redis, unique: str
 ) -> None:
-    app = AioQueue("perf", broker=amqp_url, backend=redis_url, task_default_queue=unique)
-
-    @app.task(name=f"{unique}.noop")
-    async def noop() -> None:
-        return None
-
-    try:
-        store = await app.get_result_store()
-        assert isinstance(store, RedisResultStore)
-        await listening(store, unique)
+    async with listening_app(amqp_url, redis_url, unique) as (_, noop, store):
         store.unexpect(await ready_spare(store))
         spare = await next_ready_spare(store)
         result = await noop.delay()
@@ -389,6 +392,3 @@ async def test_delay_sends_with_a_spare_id_and_lets_it_go_on_failure(
         await eventually(lambda: not store._waiting._expected)
         given = new_id(unique)  # a given id never comes from the spares
         assert (await noop.apply_async(task_id=given)).id == given
-    finally:
-        await app.close()
-        await delete_queues(amqp_url, [unique])
