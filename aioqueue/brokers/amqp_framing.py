@@ -138,19 +138,22 @@ def _take(reader: Any, buffer: bytearray) -> Any:
         end = _FRAME_HEADER + int.from_bytes(buffer[3:_FRAME_HEADER]) + 1
         if len(buffer) < end:
             break
-        if (_direct and buffer[0] == _METHOD and buffer[7:11] == _BASIC_DELIVER
-                and _deliver(buffer, end)):
-            handed = True
-            continue
-        data = bytes(buffer[:end])
-        del buffer[:end]
-        reader._maybe_resume_transport()
         try:
-            received = pamqp.frame.unmarshal(data)
+            received = pamqp.frame.unmarshal(bytes(buffer[:end]))
         except PAMQPException as exc:
             raise InvalidFrameError(str(exc)) from exc
-        if _direct and type(received[2]) is spec.Basic.Deliver:
-            _going_through_aiormq(received[1], received[2])
+        deliver = received[2]
+        if _direct and type(deliver) is spec.Basic.Deliver:
+            registered = _direct.get(deliver.consumer_tag or "")
+            if registered is not None and registered[0].number == received[1]:
+                channel, callback = registered
+                if _hand_over(buffer, end, deliver, channel, callback):
+                    handed = True
+                    continue
+                # aiormq's path: count it until the consumer has it (_on_aiormq_path).
+                _on_aiormq_path[channel] = _on_aiormq_path.get(channel, 0) + 1
+        del buffer[:end]
+        reader._maybe_resume_transport()
         return received
     if handed:
         reader._maybe_resume_transport()
@@ -158,18 +161,16 @@ def _take(reader: Any, buffer: bytearray) -> Any:
     return None
 
 
-def _going_through_aiormq(number: int, deliver: spec.Basic.Deliver) -> None:
-    registered = _direct.get(deliver.consumer_tag or "")
-    if registered is not None and registered[0].number == number:
-        channel = registered[0]
-        _on_aiormq_path[channel] = _on_aiormq_path.get(channel, 0) + 1
-
-
-def _deliver(buffer: bytearray, end: int) -> bool:
-    """Hand the delivery at the start of ``buffer`` (its Deliver frame ends at ``end``) to
-    its consumer and cut it out, if it is all there, well formed, and its channel has no
-    frame waiting for aiormq's channel reader (else it would overtake them); else False,
-    with the buffer untouched."""
+def _hand_over(
+    buffer: bytearray, end: int, deliver: spec.Basic.Deliver, channel: Any, callback: Callback
+) -> bool:
+    """Hand the delivery at the start of ``buffer`` (``deliver``, its frame ending at
+    ``end``) to its consumer and cut it out, if its channel has nothing waiting for aiormq
+    (frames for the channel reader, or deliveries not at the consumer yet: it would
+    overtake them) and its header and body frames are all there and well formed; else
+    False, with the buffer untouched."""
+    if channel.is_closed or not channel.frames.empty() or channel in _on_aiormq_path:
+        return False
     number = buffer[1:3]
     header_end = end + _FRAME_HEADER
     if len(buffer) < header_end or buffer[end] != _HEADER or buffer[end + 1:end + 3] != number:
@@ -178,7 +179,7 @@ def _deliver(buffer: bytearray, end: int) -> bool:
     if len(buffer) < header_end or header_end - end < 28:  # class, weight, size, flags
         return False
     body_size = int.from_bytes(buffer[end + 11:end + 19])
-    parts: list[bytes] = []
+    starts: list[tuple[int, int]] = []  # each body frame's payload, copied once all are there
     got = 0
     position = header_end
     while got < body_size:
@@ -190,26 +191,18 @@ def _deliver(buffer: bytearray, end: int) -> bool:
         position = start + size + 1
         if len(buffer) < position or buffer[position - 1] != _FRAME_END:
             return False
-        parts.append(bytes(buffer[start:start + size]))
+        starts.append((start, start + size))
         got += size
-    if got != body_size or buffer[end - 1] != _FRAME_END or buffer[header_end - 1] != _FRAME_END:
+    if got != body_size or buffer[header_end - 1] != _FRAME_END:
         return False
     try:
-        _, _, deliver = pamqp.frame.unmarshal(bytes(buffer[:end]))
         _, _, header = pamqp.frame.unmarshal(bytes(buffer[end:header_end]))
     except PAMQPException:
         return False  # aiormq's path raises it
-    if not isinstance(deliver, spec.Basic.Deliver) or not isinstance(header, ContentHeader):
+    if not isinstance(header, ContentHeader):
         return False
-    registered = _direct.get(deliver.consumer_tag or "")
-    if registered is None:
-        return False
-    channel, callback = registered
-    if (channel.number != int.from_bytes(number) or channel.is_closed
-            or not channel.frames.empty() or channel in _on_aiormq_path):
-        return False
+    body = b"".join([buffer[start:stop] for start, stop in starts])
     del buffer[:position]
-    body = parts[0] if len(parts) == 1 else b"".join(parts)
     try:
         callback(DeliveredMessage(delivery=deliver, header=header, body=body, channel=channel))
     except Exception:  # a bug: the message stays unacknowledged until the channel closes
