@@ -54,6 +54,15 @@ async def listening(store: RedisResultStore, unique: str) -> None:
     await store.wait(task_id, timeout=5)
 
 
+async def expected(store: RedisResultStore, raw: aioredis.Redis, unique: str) -> str:
+    """A new id, expected by a listening store, once Redis counts its subscription."""
+    await listening(store, unique)
+    task_id = new_id(unique)
+    store.expect(task_id)
+    await until_subscribed(raw, store.key_for(task_id))
+    return task_id
+
+
 async def kept(store: RedisResultStore, raw: aioredis.Redis, task_id: str) -> None:
     """Wait until the record of ``task_id`` arrived and was kept (its channel let go), then
     delete the key: only the kept copy can answer a wait after this."""
@@ -86,10 +95,7 @@ async def test_waits_on_either_protocol(
 async def test_a_record_arriving_before_the_wait_is_kept_for_it(
     store: RedisResultStore, raw: aioredis.Redis, unique: str
 ) -> None:
-    await listening(store, unique)
-    task_id = new_id(unique)
-    store.expect(task_id)
-    await until_subscribed(raw, store.key_for(task_id))
+    task_id = await expected(store, raw, unique)
     await store.store(task_id, make_meta(task_id, "STARTED", None))  # not ready: still held
     await store.store(task_id, make_meta(task_id, "SUCCESS", 7))
     await kept(store, raw, task_id)
@@ -134,10 +140,7 @@ async def test_a_record_stored_before_the_subscription_is_read(
 async def test_a_wait_takes_over_an_expected_channel(
     store: RedisResultStore, raw: aioredis.Redis, unique: str
 ) -> None:
-    await listening(store, unique)
-    task_id = new_id(unique)
-    store.expect(task_id)
-    await until_subscribed(raw, store.key_for(task_id))
+    task_id = await expected(store, raw, unique)
     waiting = asyncio.create_task(store.wait(task_id, timeout=5))
     key = store.key_for(task_id).encode()
     await eventually(lambda: key in store._waiting.waiters)  # the wait took the channel over
