@@ -33,7 +33,7 @@ import logging
 import struct
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, cast, overload
 
 from aio_pika.abc import AbstractRobustChannel
@@ -366,6 +366,10 @@ class AmqpConsumer(Consumer):
         # delivered to us, to know which acks may be merged into one.
         self._delivered: dict[AbstractChannel, _Tags] = {}
         self._last: _Tags | None = None  # the channel of the latest delivery, looked up once
+        # While receive_into() waits with nothing buffered: who takes the next delivery, and
+        # the future that tells receive_into() it was taken (True) or buffered (False).
+        self._taker: Callable[[Delivery], None] | None = None
+        self._taken: asyncio.Future[bool] | None = None
 
     async def start(self) -> None:
         if self._channel is not None or self._stopped:
@@ -432,7 +436,20 @@ class AmqpConsumer(Consumer):
                 if self._stopped:
                     self._requeue(tags, message)  # written by the settler, in order
                     return
+            taker = self._taker
+            if taker is not None and self._buffer.empty():  # none waiting ahead of it
+                waiter = self._taken
+                self._taker = self._taken = None
+                delivery = self._delivery_of(message)
+                try:
+                    if delivery is not None:
+                        taker(delivery)
+                finally:  # receive_into() returns even if take() failed (logged below)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(delivery is not None)
+                return
             self._buffer.put_nowait(message)
+            self._wake_taker()
         except Exception:  # a bug; the message stays unacknowledged until the channel closes
             logger.exception("could not buffer an AMQP delivery")
 
@@ -497,6 +514,7 @@ class AmqpConsumer(Consumer):
         if self._error is None:
             self._error = error
         self._buffer.put_nowait(None)  # wake every receive()
+        self._wake_taker()
 
     async def receive(self) -> Delivery:
         buffer = self._buffer
@@ -510,36 +528,68 @@ class AmqpConsumer(Consumer):
                 if self._error is not None:
                     raise self._error
                 raise BrokerConnectionError("consumer stopped")
-            channel = message.channel
-            if channel.is_closed:
-                continue  # came over a channel lost since; RabbitMQ delivers it again
-            props = message.header.properties
-            deliver = cast(spec.Basic.Deliver, message.delivery)
-            table = props.headers
-            # pamqp already decodes tables to plain Python (str, int, bool, None, list, dict),
-            # which is what the protocol decoder expects; repeated strings are swapped for
-            # shared ones (see _shared_names).
-            headers = _shared_names(table) if table else {}
-            correlation_id = props.correlation_id
-            if correlation_id is not None and correlation_id == headers.get("id"):
-                correlation_id = headers["id"]  # Celery sets it to the task id: keep one
-            envelope = Envelope(
-                body=message.body,
-                headers=headers,
-                content_type=_shared(props.content_type or ""),
-                content_encoding=_shared(props.content_encoding or ""),
-                correlation_id=correlation_id,
-                reply_to=_shared(props.reply_to),  # one per client
-                priority=props.priority,
-                delivery_mode=props.delivery_mode or 1,
-                expiration=props.expiration,
-            )
-            if self._no_ack:
-                return AmqpDelivery(envelope, deliver.routing_key or "", deliver.redelivered,
-                                    None, 0, None)
-            self._outstanding += 1
+            delivery = self._delivery_of(message)
+            if delivery is not None:
+                return delivery
+
+    async def receive_into(self, take: Callable[[Delivery], None]) -> None:
+        """With nothing buffered, the next delivery goes to ``take`` right where it is read
+        (in ``_on_delivery``), not through ``receive()``: the receiver's task would wake a
+        loop iteration later only to pass it on. Only one call may wait at a time."""
+        while self._buffer.empty():
+            if self._taker is not None:
+                raise BrokerError("receive_into() is already waiting on this consumer")
+            waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._taker, self._taken = take, waiter
+            try:
+                if await waiter:
+                    return  # take() had it
+            finally:
+                if self._taken is waiter:
+                    self._taker = self._taken = None
+        take(await self.receive())
+
+    def _wake_taker(self) -> None:
+        """Something was buffered (or the consumer failed): ``receive_into`` reads it."""
+        waiter = self._taken
+        if waiter is not None:
+            self._taker = self._taken = None
+            if not waiter.done():
+                waiter.set_result(False)
+
+    def _delivery_of(self, message: DeliveredMessage) -> AmqpDelivery | None:
+        """The delivery handed out for ``message``; None if it came over a channel lost
+        since (RabbitMQ delivers it again)."""
+        channel = message.channel
+        if channel.is_closed:
+            return None
+        props = message.header.properties
+        deliver = cast(spec.Basic.Deliver, message.delivery)
+        table = props.headers
+        # pamqp already decodes tables to plain Python (str, int, bool, None, list, dict),
+        # which is what the protocol decoder expects; repeated strings are swapped for
+        # shared ones (see _shared_names).
+        headers = _shared_names(table) if table else {}
+        correlation_id = props.correlation_id
+        if correlation_id is not None and correlation_id == headers.get("id"):
+            correlation_id = headers["id"]  # Celery sets it to the task id: keep one
+        envelope = Envelope(
+            body=message.body,
+            headers=headers,
+            content_type=_shared(props.content_type or ""),
+            content_encoding=_shared(props.content_encoding or ""),
+            correlation_id=correlation_id,
+            reply_to=_shared(props.reply_to),  # one per client
+            priority=props.priority,
+            delivery_mode=props.delivery_mode or 1,
+            expiration=props.expiration,
+        )
+        if self._no_ack:
             return AmqpDelivery(envelope, deliver.routing_key or "", deliver.redelivered,
-                                self._tags_of(channel), deliver.delivery_tag or 0, self)
+                                None, 0, None)
+        self._outstanding += 1
+        return AmqpDelivery(envelope, deliver.routing_key or "", deliver.redelivered,
+                            self._tags_of(channel), deliver.delivery_tag or 0, self)
 
     async def set_prefetch(self, count: int) -> None:
         """Change the prefetch limit (e.g. +1 while an ETA task is held); see the class doc.
@@ -586,6 +636,7 @@ class AmqpConsumer(Consumer):
             if message is not None and not self._no_ack and not message.channel.is_closed:
                 written = self._requeue(self._tags_of(message.channel), message)
         buffer.put_nowait(None)
+        self._wake_taker()
         if written is not None:
             await written  # settles are written in order: all of them are out
         if self._outstanding == 0:
@@ -598,6 +649,7 @@ class AmqpConsumer(Consumer):
         self._channel = None  # closed with the connection
         self._settler.abandon()  # nothing should be pending: settles are awaited
         self._buffer.put_nowait(None)
+        self._wake_taker()
 
     def _undirect(self) -> None:
         for tag in self._tags.values():

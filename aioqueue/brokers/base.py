@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -66,6 +66,15 @@ class Consumer(ABC):
     @abstractmethod
     async def receive(self) -> Delivery:
         """Wait for the next delivery."""
+
+    async def receive_into(self, take: Callable[[Delivery], None]) -> None:
+        """Wait for the next delivery and call ``take`` with it (``take`` must not block).
+
+        A consumer may call ``take`` as soon as the delivery is read, from the code reading
+        it, a loop iteration before this returns. So if this raises (cancelled, the
+        consumer failed), ``take`` may or may not have been called: count in ``take``.
+        """
+        take(await self.receive())
 
 
 class Broker(ABC):

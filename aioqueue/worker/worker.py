@@ -94,6 +94,7 @@ class Worker:
         self.accept = accepted_types(conf.accept_content)
         self.started = anyio.Event()
         self.running = 0  # tasks being handled right now
+        self._started = 0  # deliveries handed to a handler, ever
         self._idle = anyio.Event()
         self._stop_requested = False
         self._consume_scope: anyio.CancelScope | None = None
@@ -136,6 +137,21 @@ class Worker:
         handlers = self._handlers
         discard = handlers.discard
         context = contextvars.Context()
+        # Handlers start in a copy of this task's context, wherever start() is called from.
+        base_context = contextvars.copy_context()
+
+        def start(delivery: Delivery) -> None:
+            """Handle ``delivery`` with the permit the loop below acquired for it."""
+            self._started += 1
+            self.running += 1
+            # One plain asyncio task per message, owned here (this method cancels and
+            # awaits whatever is left): anyio's start_soon costs several objects per task
+            # (~4 KiB with 1,000 in flight).
+            handler = loop.create_task(self._handle(delivery, limit),
+                                       context=base_context.copy())
+            handlers.add(handler)
+            # Bound once, with a context of its own: no allocation per task.
+            handler.add_done_callback(discard, context=context)
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks_scope = tasks.cancel_scope
@@ -150,19 +166,15 @@ class Worker:
                         self.started.set()
                         while True:
                             await limit.acquire()
+                            started = self._started
                             try:
-                                delivery = await consumer.receive()
+                                # start() may run before this returns, from the code that
+                                # read the delivery (a loop iteration sooner).
+                                await consumer.receive_into(start)
                             except BaseException:
-                                limit.release()
+                                if self._started == started:  # the permit was not handed on
+                                    limit.release()
                                 raise
-                            self.running += 1
-                            # One plain asyncio task per message, owned here (this method
-                            # cancels and awaits whatever is left): anyio's start_soon costs
-                            # several objects per task (~4 KiB with 1,000 in flight).
-                            handler = loop.create_task(self._handle(delivery, limit))
-                            handlers.add(handler)
-                            # Bound once, with a context of its own: no allocation per task.
-                            handler.add_done_callback(discard, context=context)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await consumer.stop()

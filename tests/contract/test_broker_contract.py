@@ -176,3 +176,47 @@ async def test_consuming_an_undeclared_queue_is_an_error(
     with pytest.raises(BrokerError):
         async with broker.consume([unique + "-never-declared"], prefetch=1) as consumer:
             await receive(consumer, timeout=2)
+
+
+async def test_receive_into_hands_over_every_delivery_in_order(
+    new_broker: BrokerFactory, unique: str
+) -> None:
+    broker = await new_broker()
+    await broker.declare(Queue(unique))
+    for n in range(3):  # buffered before the consumer waits
+        await broker.publish(envelope(n), routing_key=unique)
+    taken: list[Delivery] = []
+    async with broker.consume([unique], prefetch=10) as consumer:
+        for _ in range(3):
+            with anyio.fail_after(5):
+                await consumer.receive_into(taken.append)
+        async with anyio.create_task_group() as tasks:
+            async def wait_for_three() -> None:  # waiting while they are published
+                for _ in range(3):
+                    with anyio.fail_after(5):
+                        await consumer.receive_into(taken.append)
+
+            tasks.start_soon(wait_for_three)
+            await anyio.sleep(0.05)
+            for n in range(3, 6):
+                await broker.publish(envelope(n), routing_key=unique)
+        assert [d.envelope.headers["id"] for d in taken] == [f"id-{n}" for n in range(6)]
+        for delivery in taken:
+            await delivery.ack()
+        assert await nothing_more(consumer)
+
+
+async def test_a_cancelled_receive_into_takes_nothing(
+    new_broker: BrokerFactory, unique: str
+) -> None:
+    broker = await new_broker()
+    await broker.declare(Queue(unique))
+    taken: list[Delivery] = []
+    async with broker.consume([unique], prefetch=10) as consumer:
+        with anyio.move_on_after(0.1) as scope:
+            await consumer.receive_into(taken.append)
+        assert scope.cancelled_caught and not taken
+        await broker.publish(envelope(1), routing_key=unique)
+        delivery = await receive(consumer)  # the next one is for receive(), not the old take
+        assert delivery.envelope.headers["id"] == "id-1" and not taken
+        await delivery.ack()

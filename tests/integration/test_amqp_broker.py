@@ -496,3 +496,39 @@ async def test_consumer_and_publisher_survive_a_lost_connection(
                 assert after.envelope.correlation_id == "after"
                 await after.ack()
     await rabbit.wait_count(name, 0)
+
+
+async def test_receive_into_hands_a_delivery_over_as_it_is_read(
+    broker: AmqpBroker, rabbit: Rabbit
+) -> None:
+    name = rabbit.name()
+    await broker.declare(Queue(name))
+    takers: list[asyncio.Task[Any] | None] = []
+    async with broker.consume([name], prefetch=5) as consumer:
+        receiving = asyncio.ensure_future(consumer.receive_into(
+            lambda delivery: takers.append(asyncio.current_task())
+        ))
+        await asyncio.sleep(0.05)
+        with pytest.raises(BrokerError, match="already waiting"):
+            await consumer.receive_into(lambda delivery: None)
+        await broker.publish(envelope(), routing_key=name)
+        with anyio.fail_after(5):
+            await receiving
+        # Called by the task reading the connection, not by the one waiting to receive.
+        assert len(takers) == 1 and takers[0] is not receiving
+
+
+async def test_receive_into_raises_when_the_consumer_stops(
+    broker: AmqpBroker, rabbit: Rabbit
+) -> None:
+    name = rabbit.name()
+    await broker.declare(Queue(name))
+    consumer = broker.consume([name], prefetch=5)
+    await consumer.start()
+    taken: list[Delivery] = []
+    receiving = asyncio.ensure_future(consumer.receive_into(taken.append))
+    await asyncio.sleep(0.05)
+    await consumer.stop()
+    with anyio.fail_after(5), pytest.raises(BrokerConnectionError):
+        await receiving
+    assert not taken

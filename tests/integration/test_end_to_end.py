@@ -112,3 +112,27 @@ async def test_track_started(real_app: AioQueue, tasks: dict[str, Task[Any, Any]
         await eventually(started)
         assert await r.get(timeout=10) == r.id
         worker.stop()
+
+
+async def test_concurrency_bounds_tasks_running_at_once(real_app: AioQueue) -> None:
+    # Deliveries go to handlers straight from the connection's reader: still one permit each.
+    now = peak = 0
+
+    @real_app.task(name="e2e.count")
+    async def count() -> None:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await anyio.sleep(0.05)
+        now -= 1
+
+    worker = Worker(real_app, concurrency=3, prefetch_multiplier=4, shutdown_timeout=5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.fail_after(10):
+            await worker.started.wait()
+            results = [await count.delay() for _ in range(15)]
+            for r in results:
+                await r.get(timeout=8)
+        worker.stop()
+    assert peak == 3 and worker.running == 0
