@@ -19,7 +19,11 @@ three frames (deliver, content header, body) and starts a task for the consumer 
   the ``DeliveredMessage`` aiormq would have built. aiormq is then handed a heartbeat
   frame in place of the deliveries it did not see, which it takes as a sign of life and
   otherwise ignores. This saves the channel reader's loop iteration and aiormq's task per
-  delivery: ~55 µs of a no-op round trip on the two-core machine.
+  delivery: ~55 µs of a no-op round trip on the two-core machine;
+* while it waits for data, takes the reader's place in the protocol's ``data_received``
+  (``_Feed``), so the whole deliveries at the front of what came in go to their consumer
+  right there, without waking the reader task a loop iteration later (~20-40 µs more);
+  anything else wakes it, in its turn.
 
 Everything else goes to aiormq's own method, saved at install: the protocol header still
 to check (``started``), another call holding aiormq's lock, an error or the end of the
@@ -27,10 +31,11 @@ stream on the reader (aiormq raises what it always raises), a malformed frame (p
 error as ``InvalidFrameError``), a delivery not all there yet or for no registered
 consumer (aiormq's channel path, which calls the consumer's callback as before).
 
-It uses four attributes of ``asyncio.StreamReader`` that are not public but have kept their
-meaning since Python 3.4: ``_buffer`` (a bytearray), ``_eof``, ``_wait_for_data()`` and
+It uses attributes of ``asyncio.StreamReader`` that are not public but have kept their
+meaning since Python 3.4: ``_buffer`` (a bytearray), ``_eof``, ``_wait_for_data()``,
 ``_maybe_resume_transport()`` (flow control, called after bytes are taken, as every read
-method does). The method is installed only where they are there and aiormq's
+method does), and ``_waiter`` and ``_wakeup_waiter()`` (``_Feed`` holds the wake-up back
+while it hands deliveries over). The method is installed only where they are there and aiormq's
 ``FrameReceiver`` sets the attributes it uses (``reader``, ``started``, ``lock``); a reader
 without a bytearray ``_buffer`` is left to aiormq.
 """
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -78,6 +84,10 @@ _direct: dict[str, tuple[Any, Callback]] = {}
 # its own, a loop iteration later: a delivery handed over directly meanwhile would reach
 # the consumer first, out of order (a consumer merging acks relies on the order).
 _on_aiormq_path: dict[Any, int] = {}
+# Each reader waited on by ``_get_frame`` -> its ``_Feed``; seconds between wake-ups of a
+# reader task while deliveries are handed over without it.
+_feeds: weakref.WeakKeyDictionary[Any, _Feed] = weakref.WeakKeyDictionary()
+_KEEPALIVE = 1.0
 
 
 def deliver_directly(consumer_tag: str, channel: AbstractChannel, callback: Callback) -> None:
@@ -115,18 +125,102 @@ async def _get_frame(self: Any) -> Any:
     buffer = getattr(reader, "_buffer", None)
     if reader is None or not self.started or type(buffer) is not bytearray:
         return await _aiormq_get_frame[0](self)
+    feed = _feeds.get(reader)
     while not self.lock.locked() and reader.exception() is None:
         frame = _take(reader, buffer)
+        if frame is None and feed is not None and feed.handed:
+            frame = _NOTHING_ELSE  # handed over while data came in: aiormq sees life
         if frame is not None:
+            if feed is not None:
+                feed.returned()
             return frame
         if reader._eof:  # what is left is cut short: aiormq says so
             break
+        if feed is None:
+            feed = _Feed(reader)
         async with self.lock:
+            feed.parked = True
             try:
                 await reader._wait_for_data("get_frame")
             except Exception:  # the connection's error, set on the reader: raised below
                 pass
+            finally:
+                feed.parked = False
     return await _aiormq_get_frame[0](self)
+
+
+class _Feed:
+    """Takes the place of ``reader.feed_data`` (the protocol's ``data_received`` calls it)
+    for a reader whose connection reader waits in ``_get_frame``: while it is parked
+    there, whole deliveries at the front of the buffer go to their consumer right in the
+    callback that read them, instead of a loop iteration later when the reader task wakes
+    (~25 µs of a round trip). The reader task is woken only for what is left (or at the
+    end of the stream, an error: ``feed_eof``/``set_exception`` are untouched), and at
+    least every ``_KEEPALIVE`` seconds while deliveries flow, so that aiormq, which counts
+    a connection without frames for three heartbeats as dead, is handed ``_NOTHING_ELSE``.
+    """
+
+    __slots__ = ("handed", "parked", "reader", "wake_by")
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+        self.parked = False  # the reader task waits in _get_frame, done with what came before
+        self.handed = False  # deliveries were handed over since the reader task last returned
+        self.wake_by = asyncio.get_running_loop().time() + _KEEPALIVE
+        _feeds[reader] = self
+        reader.feed_data = self.feed_data
+
+    def returned(self) -> None:
+        self.handed = False
+        self.wake_by = asyncio.get_running_loop().time() + _KEEPALIVE
+
+    def feed_data(self, data: bytes) -> None:
+        reader = self.reader
+        if not self.parked or not _direct:
+            asyncio.StreamReader.feed_data(reader, data)
+            return
+        waiter, reader._waiter = reader._waiter, None
+        try:
+            asyncio.StreamReader.feed_data(reader, data)  # buffered, flow control; no wake
+        finally:
+            reader._waiter = waiter
+        buffer = reader._buffer
+        try:
+            handed = _deliveries_first(buffer)
+        except Exception:  # a bug: the reader task reads what is left, as it always did
+            logger.exception("could not hand over AMQP deliveries")
+            handed = False
+        if handed:
+            self.handed = True
+            reader._maybe_resume_transport()
+        if buffer or not handed or asyncio.get_running_loop().time() >= self.wake_by:
+            reader._wakeup_waiter()
+
+
+def _deliveries_first(buffer: bytearray) -> bool:
+    """Hand over the whole deliveries for registered consumers at the front of ``buffer``,
+    up to the first frame that is anything else (left there, with all behind it)."""
+    handed = False
+    while (len(buffer) > _FRAME_HEADER + len(_BASIC_DELIVER) and buffer[0] == _METHOD
+           and buffer[_FRAME_HEADER:_FRAME_HEADER + len(_BASIC_DELIVER)] == _BASIC_DELIVER):
+        end = _FRAME_HEADER + int.from_bytes(buffer[3:_FRAME_HEADER]) + 1
+        if len(buffer) < end:
+            break
+        try:
+            number, deliver = _unmarshal_method(buffer, end)
+        except PAMQPException:
+            break  # the reader task raises it
+        registered = _direct.get(deliver.consumer_tag or "")
+        if (registered is None or registered[0].number != number
+                or not _hand_over(buffer, end, deliver, *registered)):
+            break
+        handed = True
+    return handed
+
+
+def _unmarshal_method(buffer: bytearray, end: int) -> tuple[int, Any]:
+    _, number, method = pamqp.frame.unmarshal(bytes(buffer[:end]))
+    return number, method
 
 
 def _take(reader: Any, buffer: bytearray) -> Any:
@@ -216,9 +310,9 @@ def _supported() -> bool:
     stream = asyncio.StreamReader
     return (
         all(callable(getattr(stream, name, None))
-            for name in ("_maybe_resume_transport", "_wait_for_data"))
-        and "_eof" in stream.__init__.__code__.co_names
-        and "_buffer" in stream.__init__.__code__.co_names
+            for name in ("_maybe_resume_transport", "_wait_for_data", "_wakeup_waiter"))
+        and all(name in stream.__init__.__code__.co_names
+                for name in ("_eof", "_buffer", "_waiter"))
         and all(name in names for name in ("reader", "started", "lock"))
     )
 

@@ -11,7 +11,10 @@ transport is resumed once the buffer drains). Deliveries: handed over whole (bod
 frame, several, or none), in order with the frames around them; left to aiormq when not all
 there, when the channel has frames waiting for aiormq's reader or an earlier delivery on
 aiormq's path not yet at the consumer, for another consumer, channel or a closed channel, or
-when a frame is malformed; and an idle reader waits for data itself.
+when a frame is malformed; and an idle reader waits for data itself. While it waits,
+whole deliveries at the front go to their consumer from the callback the data came in,
+anything else wakes it in its turn, it is woken now and then for aiormq's heartbeat watch,
+and flow control still holds.
 """
 
 from __future__ import annotations
@@ -277,8 +280,8 @@ async def test_an_idle_reader_waits_and_hands_over(consumer: Any) -> None:
     await asyncio.sleep(0)
     assert not reading.done()
     receiver.reader.feed_data(data[30:])
-    assert await reading == amqp_framing._NOTHING_ELSE
-    assert [m.body for m in got] == [b"body"]
+    assert [m.body for m in got] == [b"body"]  # handed over as it came (see _Feed below)
+    reading.cancel()
 
 
 async def test_the_end_or_an_error_while_waiting_is_aiormq_s(consumer: Any) -> None:
@@ -386,3 +389,93 @@ async def test_no_delivery_overtakes_one_still_on_aiormq_s_path(consumer: Any) -
     receiver.reader.feed_data(deliver_frames(3, 4, b"four"))
     assert await receiver.get_frame() == amqp_framing._NOTHING_ELSE
     assert [m.delivery_tag for m in got] == [4]
+
+
+# --------------------------------------------------------------------------------------------
+# Deliveries handed over as data comes in (``_Feed``), while the reader task waits
+# --------------------------------------------------------------------------------------------
+
+
+async def parked(receiver: FrameReceiver) -> asyncio.Task[Any]:
+    """A reader task waiting in ``get_frame`` for data, as aiormq's is when idle."""
+    reading = asyncio.create_task(receiver.get_frame())
+    await asyncio.sleep(0)
+    assert not reading.done()
+    return reading
+
+
+async def still_waiting(reading: asyncio.Task[Any]) -> bool:
+    for _ in range(3):
+        await asyncio.sleep(0)
+    return not reading.done()
+
+
+async def test_a_delivery_goes_to_its_consumer_in_the_callback_that_read_it(
+    consumer: Any,
+) -> None:
+    _, got = consumer
+    receiver = started()
+    reading = await parked(receiver)
+    receiver.reader.feed_data(deliver_frames(3, 1, b"one"))  # what data_received calls
+    assert [m.body for m in got] == [b"one"]  # before any task ran
+    assert await still_waiting(reading)  # nothing else came: the reader task sleeps on
+    receiver.reader.feed_data(deliver_frames(3, 2, b"two") + deliver_frames(3, 3, b"three"))
+    assert [m.delivery_tag for m in got] == [1, 2, 3]
+    assert await still_waiting(reading)
+    reading.cancel()
+
+
+async def test_what_is_not_a_whole_delivery_wakes_the_reader_and_keeps_its_place(
+    consumer: Any,
+) -> None:
+    _, got = consumer
+    receiver = started()
+    reading = await parked(receiver)
+    ack = pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=9), 1)
+    second = deliver_frames(3, 2, b"two")
+    receiver.reader.feed_data(deliver_frames(3, 1, b"one") + ack + second[:20])
+    assert [m.delivery_tag for m in got] == [1]  # the one in front of the ack
+    assert (await reading)[2].delivery_tag == 9  # the ack, for aiormq, in its turn
+    reading = await parked(receiver)  # the rest of the second is not there yet
+    receiver.reader.feed_data(second[20:])
+    assert [m.delivery_tag for m in got] == [1, 2]
+    reading.cancel()
+
+
+async def test_deliveries_for_nobody_registered_wake_the_reader(consumer: Any) -> None:
+    _, got = consumer
+    receiver = started()
+    reading = await parked(receiver)
+    receiver.reader.feed_data(deliver_frames(3, 1, b"body", consumer="someone.else"))
+    assert got == []
+    assert type((await reading)[2]) is spec.Basic.Deliver  # aiormq's path
+
+
+async def test_aiormq_hears_from_a_reader_handing_deliveries_over(
+    consumer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiormq takes a connection without frames for three heartbeats for dead: while
+    # deliveries bypass it, its reader task is still woken now and then.
+    _, got = consumer
+    monkeypatch.setattr(amqp_framing, "_KEEPALIVE", 0.0)
+    receiver = started()
+    reading = await parked(receiver)
+    receiver.reader.feed_data(deliver_frames(3, 1, b"one"))
+    assert await reading == amqp_framing._NOTHING_ELSE
+    assert [m.delivery_tag for m in got] == [1]
+
+
+async def test_a_reader_handing_deliveries_over_still_resumes_a_paused_transport(
+    consumer: Any,
+) -> None:
+    _, got = consumer
+    reader = asyncio.StreamReader(limit=1024)
+    transport = PausableTransport()
+    reader.set_transport(transport)
+    receiver = FrameReceiver(reader)
+    receiver.started = True
+    reading = await parked(receiver)
+    reader.feed_data(deliver_frames(3, 1, b"x" * 4000))  # over twice the limit: paused
+    assert [len(m.body) for m in got] == [4000]
+    assert not transport.paused and not reader._buffer  # type: ignore[attr-defined]
+    reading.cancel()
