@@ -39,6 +39,7 @@ from aiormq.exceptions import ChannelInvalidStateError
 
 from ..protocol import Envelope
 from .amqp_frames import encode_publish
+from .amqp_framing import confirm_directly, stop_confirming_directly
 
 __all__ = ("ChannelPublisher",)
 
@@ -69,6 +70,7 @@ class ChannelPublisher:
         self._flusher: asyncio.Task[None] | None = None
         self._closed: BaseException | None = None
         channel.closing.add_done_callback(self._on_close)
+        confirm_directly(channel)
 
     @staticmethod
     def supports(channel: AbstractChannel) -> bool:
@@ -151,6 +153,7 @@ class ChannelPublisher:
             await drained
 
     def _on_close(self, closing: asyncio.Future[Any]) -> None:
+        stop_confirming_directly(self.channel)
         self._closed = _reason(_close_reason(self.channel), self.channel)
         flusher, self._flusher = self._flusher, None
         if flusher is not None:

@@ -479,3 +479,111 @@ async def test_a_reader_handing_deliveries_over_still_resumes_a_paused_transport
     assert [len(m.body) for m in got] == [4000]
     assert not transport.paused and not reader._buffer  # type: ignore[attr-defined]
     reading.cancel()
+
+
+# --------------------------------------------------------------------------------------------
+# Publisher confirms settled by the reader (``confirm_directly``)
+# --------------------------------------------------------------------------------------------
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self._reader_task: Any = None
+
+
+class FakePublishChannel(FakeChannel):
+    """What the reader looks at on an aiormq channel in confirm mode."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.connection = FakeConnection()
+        self.confirmations: dict[int, Any] = {}
+
+    def publish(self, tags: range) -> list[asyncio.Future[Any]]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in tags]
+        self.confirmations.update(zip(tags, futures, strict=True))
+        return futures
+
+
+def ack(tag: int, multiple: bool = False, channel: int = 5) -> bytes:
+    return pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=tag, multiple=multiple), channel)
+
+
+@pytest.fixture
+async def publisher() -> Any:
+    channel = FakePublishChannel(5)
+    receiver = started()
+    yield channel, receiver
+    amqp_framing.stop_confirming_directly(channel)  # type: ignore[arg-type]
+
+
+async def reading_for(channel: FakePublishChannel, receiver: FrameReceiver) -> asyncio.Task[Any]:
+    """The connection's reader task, parked, with ``channel``'s confirms registered."""
+    reading = asyncio.create_task(receiver.get_frame())
+    channel.connection._reader_task = reading
+    amqp_framing.confirm_directly(channel)  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    return reading
+
+
+async def test_acks_settle_their_confirms_as_they_come_in(publisher: Any) -> None:
+    channel, receiver = publisher
+    reading = await reading_for(channel, receiver)
+    first, second, third = channel.publish(range(1, 4))
+    receiver.reader.feed_data(ack(1))
+    assert first.done() and first.result().delivery_tag == 1 and not second.done()
+    receiver.reader.feed_data(ack(3, multiple=True))  # covers 2 and 3
+    assert second.done() and third.done() and channel.confirmations == {}
+    assert await still_waiting(reading)  # nothing for aiormq
+    reading.cancel()
+
+
+async def test_an_ack_read_by_the_reader_task_is_settled_on_the_way(publisher: Any) -> None:
+    channel, receiver = publisher
+    (confirmation,) = channel.publish(range(1, 2))
+    heartbeat = pamqp.frame.marshal(Heartbeat(), 0)
+    receiver.reader.feed_data(ack(1) + heartbeat)  # there before the reader reads
+    reading = asyncio.create_task(receiver.get_frame())
+    channel.connection._reader_task = reading
+    amqp_framing.confirm_directly(channel)  # type: ignore[arg-type]
+    assert type((await reading)[2]) is Heartbeat  # the frame behind the ack, for aiormq
+    assert confirmation.done()
+
+
+@pytest.mark.parametrize("case", ["nack", "unknown tag", "frames waiting", "closed", "stopped"])
+async def test_other_confirm_frames_are_aiormq_s(publisher: Any, case: str) -> None:
+    channel, receiver = publisher
+    reading = await reading_for(channel, receiver)
+    (confirmation,) = channel.publish(range(1, 2))
+    frame = ack(1)
+    if case == "nack":
+        frame = pamqp.frame.marshal(spec.Basic.Nack(delivery_tag=1), 5)
+    elif case == "unknown tag":
+        frame = ack(7)
+    elif case == "frames waiting":
+        channel.frames.put_nowait((0, spec.Basic.Return()))
+    elif case == "closed":
+        channel.is_closed = True
+    else:
+        amqp_framing.stop_confirming_directly(channel)  # type: ignore[arg-type]
+    receiver.reader.feed_data(frame)
+    assert type((await reading)[2]) in (spec.Basic.Ack, spec.Basic.Nack)
+    assert not confirmation.done()
+
+
+async def test_confirms_are_settled_for_the_task_reading_after_the_handshake(
+    publisher: Any,
+) -> None:
+    # aiormq reads the handshake's frames from the task connecting, then starts its reader
+    # task: what comes in while the reader task waits is for that task's connection.
+    channel, receiver = publisher
+    handshake = asyncio.create_task(receiver.get_frame())
+    await asyncio.sleep(0)  # waits for data first, from the task connecting
+    receiver.reader.feed_data(pamqp.frame.marshal(Heartbeat(), 0))
+    await handshake
+    reading = await reading_for(channel, receiver)
+    (confirmation,) = channel.publish(range(1, 2))
+    receiver.reader.feed_data(ack(1))
+    assert confirmation.done()
+    reading.cancel()
