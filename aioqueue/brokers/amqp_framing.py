@@ -187,10 +187,11 @@ class _Feed:
     for a reader whose connection reader waits in ``_get_frame``: while it is parked
     there, whole deliveries at the front of the buffer go to their consumer, and acks
     settle their confirms, right in the callback that read them, instead of a loop
-    iteration later when the reader task wakes (~20-40 µs of a round trip). The reader task is woken only for what is left (or at the
-    end of the stream, an error: ``feed_eof``/``set_exception`` are untouched), and at
-    least every ``_KEEPALIVE`` seconds while deliveries flow, so that aiormq, which counts
-    a connection without frames for three heartbeats as dead, is handed ``_NOTHING_ELSE``.
+    iteration later when the reader task wakes (~20-40 µs of a round trip). The reader
+    task is woken only for what is left (or at the end of the stream, an error:
+    ``feed_eof``/``set_exception`` are untouched), and at least every ``_KEEPALIVE``
+    seconds while deliveries flow, so that aiormq, which counts a connection without
+    frames for three heartbeats as dead, is handed ``_NOTHING_ELSE``.
     """
 
     __slots__ = ("handed", "parked", "reader", "task", "wake_by")
