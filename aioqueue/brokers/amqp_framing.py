@@ -49,7 +49,7 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pamqp.frame
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -235,32 +235,29 @@ class _Feed:
 def _direct_first(buffer: bytearray, task: Any) -> bool:
     """Hand over the whole deliveries for registered consumers, and settle the confirms
     for registered publishers, at the front of ``buffer``, up to the first frame that is
-    anything else (left there, with all behind it)."""
+    anything else (left there, with all behind it); True if there were any."""
     handed = False
     while len(buffer) > _FRAME_HEADER + len(_BASIC_DELIVER) and buffer[0] == _METHOD:
         if _confirm(buffer, task):
             handed = True
             continue
-        if buffer[_FRAME_HEADER:_FRAME_HEADER + len(_BASIC_DELIVER)] != _BASIC_DELIVER:
+        if (not _direct
+                or buffer[_FRAME_HEADER:_FRAME_HEADER + len(_BASIC_DELIVER)] != _BASIC_DELIVER):
             break
         end = _FRAME_HEADER + int.from_bytes(buffer[3:_FRAME_HEADER]) + 1
         if len(buffer) < end:
             break
         try:
-            number, deliver = _unmarshal_method(buffer, end)
+            _, number, frame = pamqp.frame.unmarshal(bytes(buffer[:end]))
         except PAMQPException:
-            break  # the reader task raises it
+            break  # the reader task raises it (_take)
+        deliver = cast(spec.Basic.Deliver, frame)  # its class and method said so
         registered = _direct.get(deliver.consumer_tag or "")
         if (registered is None or registered[0].number != number
                 or not _hand_over(buffer, end, deliver, *registered)):
             break
         handed = True
     return handed
-
-
-def _unmarshal_method(buffer: bytearray, end: int) -> tuple[int, Any]:
-    _, number, method = pamqp.frame.unmarshal(bytes(buffer[:end]))
-    return number, method
 
 
 def _confirm(buffer: bytearray, task: Any) -> bool:
@@ -291,34 +288,28 @@ def _confirm(buffer: bytearray, task: Any) -> bool:
 
 def _take(reader: Any, buffer: bytearray, task: Any = None) -> Any:
     """The first whole frame in ``buffer``, unmarshalled and cut out, after handing over
-    the whole deliveries and settling the confirms in front of it (``task``: the reader
-    task, whose connection the confirms are for); ``_NOTHING_ELSE`` if there were only
-    those, None if there was nothing whole."""
-    handed = False
-    while len(buffer) > _FRAME_HEADER:
+    the whole deliveries and settling the confirms in front of it (``_direct_first``;
+    ``task``: the reader task, whose connection the confirms are for); ``_NOTHING_ELSE``
+    if there were only those, None if there was nothing whole."""
+    handed = _direct_first(buffer, task)
+    if len(buffer) > _FRAME_HEADER:
         end = _FRAME_HEADER + int.from_bytes(buffer[3:_FRAME_HEADER]) + 1
-        if len(buffer) < end:
-            break
-        if _confirming and _confirm(buffer, task):
-            handed = True
-            continue
-        try:
-            received = pamqp.frame.unmarshal(bytes(buffer[:end]))
-        except PAMQPException as exc:
-            raise InvalidFrameError(str(exc)) from exc
-        deliver = received[2]
-        if _direct and type(deliver) is spec.Basic.Deliver:
-            registered = _direct.get(deliver.consumer_tag or "")
-            if registered is not None and registered[0].number == received[1]:
-                channel, callback = registered
-                if _hand_over(buffer, end, deliver, channel, callback):
-                    handed = True
-                    continue
-                # aiormq's path: count it until the consumer has it (_on_aiormq_path).
-                _on_aiormq_path[channel] = _on_aiormq_path.get(channel, 0) + 1
-        del buffer[:end]
-        reader._maybe_resume_transport()
-        return received
+        if len(buffer) >= end:
+            try:
+                received = pamqp.frame.unmarshal(bytes(buffer[:end]))
+            except PAMQPException as exc:
+                raise InvalidFrameError(str(exc)) from exc
+            deliver = received[2]
+            if _direct and type(deliver) is spec.Basic.Deliver:
+                registered = _direct.get(deliver.consumer_tag or "")
+                if registered is not None and registered[0].number == received[1]:
+                    # Not handed over (not all there, or behind others on aiormq's path):
+                    # count it until the consumer has it (_on_aiormq_path).
+                    channel = registered[0]
+                    _on_aiormq_path[channel] = _on_aiormq_path.get(channel, 0) + 1
+            del buffer[:end]
+            reader._maybe_resume_transport()
+            return received
     if handed:
         reader._maybe_resume_transport()
         return _NOTHING_ELSE
