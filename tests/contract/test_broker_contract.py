@@ -197,7 +197,7 @@ async def test_receive_into_hands_over_every_delivery_in_order(
                         await consumer.receive_into(taken.append)
 
             tasks.start_soon(wait_for_three)
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()  # the consumer waits
             for n in range(3, 6):
                 await broker.publish(envelope(n), routing_key=unique)
         assert [d.envelope.headers["id"] for d in taken] == [f"id-{n}" for n in range(6)]

@@ -508,7 +508,7 @@ async def test_receive_into_hands_a_delivery_over_as_it_is_read(
         receiving = asyncio.ensure_future(consumer.receive_into(
             lambda delivery: takers.append(asyncio.current_task())
         ))
-        await asyncio.sleep(0.05)
+        await anyio.wait_all_tasks_blocked()  # receive_into() waits
         with pytest.raises(BrokerError, match="already waiting"):
             await consumer.receive_into(lambda delivery: None)
         await broker.publish(envelope(), routing_key=name)
@@ -527,7 +527,7 @@ async def test_receive_into_raises_when_the_consumer_stops(
     await consumer.start()
     taken: list[Delivery] = []
     receiving = asyncio.ensure_future(consumer.receive_into(taken.append))
-    await asyncio.sleep(0.05)
+    await anyio.wait_all_tasks_blocked()  # receive_into() waits
     await consumer.stop()
     with anyio.fail_after(5), pytest.raises(BrokerConnectionError):
         await receiving
