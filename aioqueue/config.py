@@ -26,6 +26,10 @@ QUEUE_TYPES = ("classic", "quorum")
 
 logger = logging.getLogger(__name__)
 
+#: The default of ``fast_paths``. The worker CLI sets it from ``AIOQUEUE_FAST_PATHS``; the
+#: test suite from the same variable, to run once with the fast paths off.
+fast_paths_default = True
+
 
 @dataclass(frozen=True, slots=True)
 class Queue:
@@ -193,6 +197,9 @@ class Settings:
     worker_concurrency: int = 100
     worker_prefetch_multiplier: int = 4
     worker_shutdown_timeout: float = 10.0
+    # aioqueue's own wire code on its own connections (docs/design.md, "What we rely on in
+    # our dependencies"); False: the dependencies' public API only.
+    fast_paths: bool = field(default_factory=lambda: fast_paths_default)
     unsupported: dict[str, Any] = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -423,6 +430,7 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "task_dead_letter_queue": _optional_queue_name,
     "broker_delay_threshold": _non_negative_seconds,
     "task_acks_late": _check_bool,
+    "fast_paths": _check_bool,
     "task_ignore_result": _check_bool,
     "task_track_started": _check_bool,
     "task_time_limit": _seconds,

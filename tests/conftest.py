@@ -11,7 +11,14 @@ import uuid
 
 import pytest
 
+from aioqueue import config
 from aioqueue.config import Settings
+
+# AIOQUEUE_FAST_PATHS=0 runs the suite on the dependencies' public API only (CI runs the
+# integration tests once more that way); worker subprocesses read the same variable.
+FAST_PATHS = os.environ.get("AIOQUEUE_FAST_PATHS", "").strip().lower() not in {
+    "0", "false", "no", "off"}
+config.fast_paths_default = FAST_PATHS
 
 AMQP_URL = os.environ.get("AIOQUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("AIOQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import anyio
 import anyio.abc
 
+from .. import config
 from ..app import AioQueue
 from ..exceptions import AioQueueError
 from .banner import render_banner
@@ -29,6 +30,7 @@ __all__ = ("find_app", "main", "worker_main")
 logger = logging.getLogger("aioqueue.worker")
 
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
+_OFF = {"0", "false", "no", "off"}
 
 
 def find_app(spec: str) -> AioQueue:
@@ -182,6 +184,9 @@ def worker_main(argv: Sequence[str] | None = None, prog: str = "python -m aioque
     options = _parser(prog).parse_args(argv)
     logging.basicConfig(level=options.loglevel, format=LOG_FORMAT, stream=sys.stderr)
     from .. import __version__
+
+    if os.environ.get("AIOQUEUE_FAST_PATHS", "").strip().lower() in _OFF:
+        config.fast_paths_default = False  # before the app module makes its settings
 
     try:
         app = find_app(options.app)
