@@ -19,6 +19,10 @@ from aioqueue.config import Settings
 FAST_PATHS = os.environ.get("AIOQUEUE_FAST_PATHS", "").strip().lower() not in {
     "0", "false", "no", "off"}
 config.fast_paths_default = FAST_PATHS
+#: For tests of a fast path itself (its internals held or observed), which has no
+#: counterpart with the fast paths off.
+fast_paths_only = pytest.mark.skipif(
+    not FAST_PATHS, reason="tests a fast path; AIOQUEUE_FAST_PATHS=0 turns them off")
 
 AMQP_URL = os.environ.get("AIOQUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("AIOQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")

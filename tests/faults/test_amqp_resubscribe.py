@@ -14,7 +14,7 @@ import pytest
 from yarl import URL
 
 from aioqueue.brokers.amqp import AmqpBroker
-from aioqueue.brokers.amqp_consumer import AmqpConsumer
+from aioqueue.brokers.amqp.consumer import AmqpConsumer
 from aioqueue.brokers.base import Delivery
 from aioqueue.config import Queue, Settings
 from aioqueue.protocol import Envelope

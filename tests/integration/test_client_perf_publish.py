@@ -14,8 +14,8 @@ import uuid
 import pytest
 from yarl import URL
 
-from aioqueue.brokers import amqp_publisher
 from aioqueue.brokers.amqp import AmqpBroker
+from aioqueue.brokers.amqp import publisher as amqp_publisher
 from aioqueue.config import Queue, Settings
 from aioqueue.exceptions import BrokerConnectionError, BrokerError
 from aioqueue.protocol import Envelope, encode_task

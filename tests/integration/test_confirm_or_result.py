@@ -20,11 +20,12 @@ import redis.asyncio as aioredis
 from pamqp.commands import Basic
 
 from aioqueue import AioQueue
-from aioqueue.brokers.amqp_publisher import ChannelPublisher
+from aioqueue.brokers.amqp.publisher import ChannelPublisher
 from aioqueue.meta import make_meta
 from aioqueue.protocol import Envelope
 from aioqueue.results.redis import RedisResultStore
 
+from ..conftest import fast_paths_only
 from .conftest import delete_queues, eventually
 from .test_client_perf_results import listening
 from .test_redis_result_store import until_numsub, until_subscribed
@@ -95,6 +96,7 @@ async def sending_task(
     return sending, confirms, store, sent_id
 
 
+@fast_paths_only
 async def test_delay_returns_when_the_result_arrives_before_the_confirm(
     app: AioQueue, raw: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,6 +110,7 @@ async def test_delay_returns_when_the_result_arrives_before_the_confirm(
     await confirms.release(task_id)  # the confirm that comes later is simply let go
 
 
+@fast_paths_only
 async def test_a_given_task_id_waits_for_the_confirm(
     app: AioQueue, raw: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,6 +127,7 @@ async def test_a_given_task_id_waits_for_the_confirm(
     assert await result.get(timeout=5) == 42
 
 
+@fast_paths_only
 async def test_a_failed_confirm_after_the_result_is_logged(
     app: AioQueue, raw: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pamqp.frame
@@ -18,13 +19,14 @@ import pytest
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
 
-from aioqueue.brokers.amqp_consumer import (
+from aioqueue.brokers.amqp.consumer import (
     AmqpConsumer,
     _ack_frame,
     _reject_frame,
     _Settler,
     _Tags,
 )
+from aioqueue.config import Settings
 
 
 @dataclass
@@ -134,7 +136,7 @@ class QueueChannel:
 def settler_on(channel: QueueChannel, *delivered: int) -> tuple[_Settler, _Tags]:
     tags = _Tags(channel)  # type: ignore[arg-type]
     tags.open.extend(delivered)
-    return _Settler(), tags
+    return _Settler(fast=True), tags
 
 
 async def test_settles_of_one_iteration_are_one_write() -> None:
@@ -243,7 +245,8 @@ async def test_a_lone_settle_on_a_closed_channel_is_lost_loudly(
 async def test_a_delivery_is_buffered_before_aiormq_runs_the_callbacks_task() -> None:
     # aiormq calls the consumer callback in its channel reader and runs what it returns as
     # a task: the delivery is registered and buffered by the call itself.
-    consumer = AmqpConsumer(None, ["q"], prefetch=1, no_ack=False)  # type: ignore[arg-type]
+    broker = SimpleNamespace(settings=Settings())
+    consumer = AmqpConsumer(broker, ["q"], prefetch=1, no_ack=False)  # type: ignore[arg-type]
     channel = QueueChannel(room=10)
     message = DeliveredMessage(
         delivery=spec.Basic.Deliver(delivery_tag=7, routing_key="q"),

@@ -10,7 +10,7 @@ import pytest
 from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
 from pamqp.commands import Basic
 
-from aioqueue.brokers.amqp import _confirmed_or_proven
+from aioqueue.brokers.amqp.broker import _confirmed_or_proven
 
 
 def futures() -> tuple[asyncio.Future[Any], asyncio.Future[None]]:

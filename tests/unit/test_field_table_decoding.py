@@ -1,12 +1,12 @@
-"""``amqp_headers.decode_field_table`` reads every field table exactly as pamqp does.
+"""``field_tables.decode_field_table`` reads every field table exactly as pamqp does.
 
-Each table is decoded by ours and by pamqp's own ``field_table`` (the function pamqp ships,
-saved before any patch), and the outcomes must match: bytes consumed and the value with its
+Each table is decoded by ours and by pamqp's own ``field_table``, and the outcomes must
+match: bytes consumed and the value with its
 types (bool is not int, bytes is not str), or the same exception type and message. Tables:
 the headers of every captured message (as they were on the wire and as we encode them),
 thousands of random tables with usual and unusual tags, nesting and trailing bytes, and
-truncated or corrupted ones; then whole frames through ``pamqp.frame.unmarshal`` with the
-decoder installed.
+truncated or corrupted ones; and pamqp's own frame decoding stays pamqp's after a broker
+was made.
 """
 
 from __future__ import annotations
@@ -26,44 +26,30 @@ import pytest
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
-from aioqueue.brokers import amqp_headers
-from aioqueue.brokers.amqp_headers import (
-    decode_field_table,
-    encode_field_table,
-    use_fast_field_table_decoding,
-)
+from aioqueue.brokers.amqp import AmqpBroker, field_tables
+from aioqueue.brokers.amqp.field_tables import decode_field_table, encode_field_table
+from aioqueue.config import Settings
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 USUAL_TAGS = frozenset("SVtIldFAbBsuiLf")  # what the fast path reads; D T x go to pamqp
 Decoder = Callable[[bytes], tuple[int, Any]]
 
 
-def _pamqp_field_table() -> Decoder:
-    current: Decoder | None = pamqp.decode.field_table
-    if current is decode_field_table:  # installed before this module: the saved original
-        current = amqp_headers._pamqp_decode_table
-    assert current is not None
-    assert (current.__module__, current.__name__) == ("pamqp.decode", "field_table")
-    return current
-
-
-PAMQP_FIELD_TABLE = _pamqp_field_table()
+PAMQP_FIELD_TABLE: Decoder = pamqp.decode.field_table
+assert (PAMQP_FIELD_TABLE.__module__, PAMQP_FIELD_TABLE.__name__) == ("pamqp.decode", "field_table")
 
 
 @pytest.fixture(autouse=True)
 def fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """pamqp as shipped for the test's duration (restored after), so that its nested tables
-    are its own too, and the tables the fast decoder handed to it."""
-    monkeypatch.setattr(pamqp.decode, "field_table", PAMQP_FIELD_TABLE)
-    monkeypatch.setitem(pamqp.decode.METHODS, "table", PAMQP_FIELD_TABLE)
-    monkeypatch.setitem(pamqp.decode.TABLE_MAPPING, b"F", PAMQP_FIELD_TABLE)
+    """The tables the fast decoder handed to pamqp (our module's reference to pamqp's
+    decoder, wrapped for the test's duration)."""
     handed: list[bytes] = []
 
     def spy(value: bytes) -> tuple[int, Any]:
         handed.append(value)
         return PAMQP_FIELD_TABLE(value)
 
-    monkeypatch.setattr(amqp_headers, "_pamqp_decode_table", spy)
+    monkeypatch.setattr(field_tables, "_pamqp_table", spy)
     return handed
 
 
@@ -452,18 +438,16 @@ def frame_fields(frame: Any) -> dict[str, Any]:
     return {name: getattr(frame, name) for name in frame.__slots__}
 
 
-def test_install_keeps_frame_values() -> None:
+async def test_a_broker_leaves_pamqps_decoding_alone() -> None:
     before = [pamqp.frame.unmarshal(frame) for frame in frames()]
     unusual = table_of(b"\x01ab\xff\x01cF" + table_of(b"\x01ds\x01\x00"))
     nested_before = pamqp.decode.embedded_value(b"F" + unusual)
     assert nested_before == (1 + len(unusual), {"a": -1, "c": {"d": 256}})
 
-    use_fast_field_table_decoding()
-    use_fast_field_table_decoding()  # idempotent: pamqp's own is still the one kept
-    assert pamqp.decode.field_table is decode_field_table
-    assert pamqp.decode.METHODS["table"] is decode_field_table
-    assert pamqp.decode.TABLE_MAPPING[b"F"] is decode_field_table
-    assert amqp_headers._pamqp_decode_table is PAMQP_FIELD_TABLE
+    AmqpBroker("amqp://guest:guest@127.0.0.1:5672//", Settings())  # made, not connected
+    assert pamqp.decode.field_table is PAMQP_FIELD_TABLE
+    assert pamqp.decode.METHODS["table"] is PAMQP_FIELD_TABLE
+    assert pamqp.decode.TABLE_MAPPING[b"F"] is PAMQP_FIELD_TABLE
 
     after = [pamqp.frame.unmarshal(frame) for frame in frames()]
     assert before[0][2].properties.headers  # type: ignore[union-attr]

@@ -1,13 +1,13 @@
-"""``amqp_decoding``'s readers build exactly the objects pamqp builds.
+"""``decoding``'s readers build exactly the objects pamqp builds.
 
-Each payload is read by our ``unmarshal`` and by pamqp's own (the method pamqp ships, saved
-before any patch) into a fresh object built as ``pamqp.frame`` builds it, and the outcomes
-must match: every attribute with its type, or the same exception type and message. Frames:
-``Basic.Deliver``, ``Basic.Ack``, ``Basic.Nack`` and content headers of every captured
-message (as pamqp, the capture's producer and ``encode_publish`` write them), thousands of
-random ones with edge values and every property subset, every truncation and corrupted byte
-of real frames, other buffer types; then whole frames through ``pamqp.frame.unmarshal``
-before and after ``use_fast_frame_decoding``.
+Each payload is read by our reader (``read_deliver``, ``read_content_header``; where it
+returns None, the frame stream leaves the frame to aiormq, so pamqp's ``unmarshal`` reads
+it) and by pamqp's own ``unmarshal`` into a fresh object built as ``pamqp.frame`` builds
+it, and the outcomes must match: every attribute with its type, or the same exception type
+and message. Frames: ``Basic.Deliver`` and content headers of every captured message (as
+pamqp, the capture's producer and ``encode_publish`` write them), thousands of random ones
+with edge values and every property subset, every truncation and corrupted byte of real
+frames, other buffer types; and pamqp's own frame decoding is unchanged by a broker.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from aioqueue.brokers import amqp_decoding
-from aioqueue.brokers.amqp_decoding import use_fast_frame_decoding
-from aioqueue.brokers.amqp_frames import encode_publish
-from aioqueue.brokers.amqp_headers import decode_field_table, encode_field_table
+from aioqueue.brokers.amqp import AmqpBroker
+from aioqueue.brokers.amqp.decoding import LAYOUT_MATCHES, read_content_header, read_deliver
+from aioqueue.brokers.amqp.field_tables import decode_field_table, encode_field_table
+from aioqueue.brokers.amqp.frames import encode_publish
+from aioqueue.config import Settings
 
 from .test_field_table_decoding import (
-    PAMQP_FIELD_TABLE,
     VECTORS,
     assert_same,
     captured_messages,
@@ -44,49 +44,41 @@ from .test_field_table_decoding import (
 from .test_protocol_vectors import envelope_of
 
 Unmarshal = Callable[[Any, bytes], None]
-CLASSES: tuple[type[Any], ...] = (
-    spec.Basic.Deliver, spec.Basic.Ack, spec.Basic.Nack, ContentHeader
-)
-FAST: dict[type[Any], Unmarshal] = {
-    cls: amqp_decoding._FAST_UNMARSHAL[cls][0] for cls in CLASSES
-}
-
-
-def _pamqp_unmarshal(cls: type[Any]) -> Unmarshal:
-    current: Unmarshal = cls.unmarshal
-    if current is FAST[cls]:  # installed before this module: the saved original
-        current = amqp_decoding._PAMQP_UNMARSHAL[cls]
-    expected = ("pamqp.header", "ContentHeader.unmarshal") if cls is ContentHeader else (
-        "pamqp.base", "Frame.unmarshal"
-    )
-    assert (current.__module__, current.__qualname__) == expected
-    return current
-
-
-PAMQP: dict[type[Any], Unmarshal] = {cls: _pamqp_unmarshal(cls) for cls in CLASSES}
+CLASSES: tuple[type[Any], ...] = (spec.Basic.Deliver, ContentHeader)
+PAMQP: dict[type[Any], Unmarshal] = {cls: cls.unmarshal for cls in CLASSES}
 PROPERTY_FLAGS = spec.Basic.Properties.flags
+_handed: list[type[Any]] = []
+
+
+def _ours(cls: type[Any]) -> Unmarshal:
+    """Our reader as an ``unmarshal``: its object's values copied into ``self``; where it
+    returns None (or the data is not bytes, which the stream never hands it), pamqp's."""
+    read: Callable[[bytes], Any] = read_deliver if cls is spec.Basic.Deliver else (
+        read_content_header)
+
+    def unmarshal(self: Any, data: Any) -> None:
+        obj = read(data) if type(data) is bytes else None
+        if obj is None:
+            _handed.append(cls)
+            PAMQP[cls](self, data)
+        elif cls is ContentHeader:
+            self.class_id, self.weight = obj.class_id, obj.weight
+            self.body_size, self.properties = obj.body_size, obj.properties
+        else:
+            for name in cls.__slots__:
+                setattr(self, name, getattr(obj, name))
+
+    return unmarshal
+
+
+FAST: dict[type[Any], Unmarshal] = {cls: _ours(cls) for cls in CLASSES}
 
 
 @pytest.fixture(autouse=True)
-def fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[type[Any]]:
-    """pamqp as shipped for the test's duration (restored after, installs included), and the
-    classes whose payloads the fast readers handed to pamqp."""
-    for cls in CLASSES:
-        monkeypatch.setattr(cls, "unmarshal", PAMQP[cls])
-    monkeypatch.setattr(pamqp.decode, "field_table", PAMQP_FIELD_TABLE)
-    monkeypatch.setitem(pamqp.decode.METHODS, "table", PAMQP_FIELD_TABLE)
-    monkeypatch.setitem(pamqp.decode.TABLE_MAPPING, b"F", PAMQP_FIELD_TABLE)
-    handed: list[type[Any]] = []
-
-    def spy(cls: type[Any]) -> Unmarshal:
-        def unmarshal(self: Any, data: bytes) -> None:
-            handed.append(cls)
-            PAMQP[cls](self, data)
-
-        return unmarshal
-
-    monkeypatch.setattr(amqp_decoding, "_PAMQP_UNMARSHAL", {cls: spy(cls) for cls in CLASSES})
-    return handed
+def fallbacks() -> list[type[Any]]:
+    """The classes whose payloads our readers left to pamqp."""
+    _handed.clear()
+    return _handed
 
 
 def fields(obj: Any) -> dict[str, Any]:
@@ -249,18 +241,6 @@ def test_shortstr_not_utf8(fallbacks: list[type[Any]]) -> None:
     assert fallbacks == [spec.Basic.Deliver] * 3 + [ContentHeader]
 
 
-@pytest.mark.parametrize("cls", [spec.Basic.Ack, spec.Basic.Nack])
-def test_random_ack_nack(cls: type[Any], fallbacks: list[type[Any]]) -> None:
-    rng = random.Random(cls.index)
-    for tag in [*_TAGS, *(rng.getrandbits(64) for _ in range(20))]:
-        for bits in range(256):  # every bit combination, reserved bits included
-            payload = struct.pack(">QB", tag, bits)
-            result = check(cls, payload)
-            assert result[1]["multiple"] is bool(bits & 1)
-            check(cls, payload + rng.randbytes(rng.randint(1, 4)))
-    assert not fallbacks
-
-
 def random_property(rng: random.Random, kind: str) -> bytes:
     if kind == "shortstr":
         return short(random_short(rng))
@@ -309,8 +289,8 @@ def test_timestamps(stamp: int) -> None:
 
 
 def real_payloads() -> list[tuple[type[Any], bytes]]:
-    """A Deliver, an Ack, a Nack, and a content header with every property and Celery's
-    captured header table, as received."""
+    """A Deliver and a content header with every property and Celery's captured header
+    table, as received."""
     message = json.loads((VECTORS / "amqp_v2_stamped.json").read_text(encoding="utf-8"))
     message = message["messages"][0]
     values = [
@@ -322,8 +302,6 @@ def real_payloads() -> list[tuple[type[Any], bytes]]:
     ]
     return [
         (spec.Basic.Deliver, deliver_payload("amq.ctag-x", 2**40, 1, "celery", "celery.q")),
-        (spec.Basic.Ack, struct.pack(">QB", 12345, 1)),
-        (spec.Basic.Nack, struct.pack(">QB", 12345, 3)),
         (ContentHeader, header_payload(0xFFFC, values)),
     ]
 
@@ -369,23 +347,11 @@ def test_other_buffer_types(fallbacks: list[type[Any]]) -> None:
     for cls, payload in real_payloads():
         for data in (bytearray(payload), memoryview(payload)):
             check(cls, data)
-    assert len(fallbacks) == 8
-
-
-def test_properties_of_another_class(fallbacks: list[type[Any]]) -> None:
-    class Properties(spec.Basic.Properties):
-        pass
-
-    _, payload = real_payloads()[3]
-    ours, theirs = ContentHeader(properties=Properties()), ContentHeader(properties=Properties())
-    FAST[ContentHeader](ours, payload)
-    PAMQP[ContentHeader](theirs, payload)
-    assert_same(fields(ours), fields(theirs))
-    assert fallbacks == [ContentHeader]
+    assert len(fallbacks) == 4
 
 
 # --------------------------------------------------------------------------------------------
-# Installed into pamqp
+# pamqp itself, beside a broker
 # --------------------------------------------------------------------------------------------
 
 
@@ -402,7 +368,7 @@ def all_frames() -> Iterator[bytes]:
     )
     yield pamqp.frame.marshal(ContentBody(b'[[], {}, {"chain": null}]'), 1)
     yield pamqp.frame.marshal(Heartbeat(), 0)
-    _, header = real_payloads()[3]
+    _, header = real_payloads()[1]
     yield struct.pack(">BHI", 2, 3, len(header)) + header + b"\xce"
 
 
@@ -427,7 +393,7 @@ def reframed(frame: bytes, payload: bytes) -> bytes:
     return struct.pack(">BHI", kind, channel, len(payload)) + payload + b"\xce"
 
 
-def test_install_keeps_frame_values() -> None:
+def test_a_broker_leaves_pamqps_frame_decoding_alone() -> None:
     frames = list(all_frames())
     for frame in frames[:3] + frames[-1:]:  # Deliver and content headers, cut anywhere
         _, payload = payload_of(frame)
@@ -440,26 +406,20 @@ def test_install_keeps_frame_values() -> None:
     before = [frame_outcome(frame) for frame in frames]
     assert sum(result[0] == "raised" for result in before) > 100
 
-    use_fast_frame_decoding()
-    use_fast_frame_decoding()  # idempotent: pamqp's own are still the ones kept
-    for cls in CLASSES:
-        assert cls.__dict__["unmarshal"] is FAST[cls]
-        assert amqp_decoding._PAMQP_UNMARSHAL[cls] is PAMQP[cls]
-    assert pamqp.decode.field_table is decode_field_table
-    assert pamqp.decode.METHODS["table"] is decode_field_table
-    assert pamqp.decode.TABLE_MAPPING[b"F"] is decode_field_table
+    AmqpBroker("amqp://guest:guest@127.0.0.1:5672//", Settings())  # made, not connected
+    for cls in (*CLASSES, spec.Basic.Ack, spec.Basic.Nack):
+        assert "unmarshal" not in cls.__dict__ or cls.__dict__["unmarshal"].__module__.startswith(
+            "pamqp.")
+    assert pamqp.decode.field_table is not decode_field_table
+    assert pamqp.decode.METHODS["table"] is pamqp.decode.field_table
+    assert pamqp.decode.TABLE_MAPPING[b"F"] is pamqp.decode.field_table
 
     after = [frame_outcome(frame) for frame in frames]
     for ours, theirs in zip(after, before, strict=True):
         assert_same(ours, theirs)
 
 
-def test_install_skips_unknown_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A class whose fields are not the reader's (another pamqp) keeps pamqp's method."""
-    fast, _ = amqp_decoding._FAST_UNMARSHAL[spec.Basic.Ack]
-    monkeypatch.setitem(
-        amqp_decoding._FAST_UNMARSHAL, spec.Basic.Ack, (fast, [("delivery_tag", "longlong")])
-    )
-    use_fast_frame_decoding()
-    assert spec.Basic.Ack.unmarshal is PAMQP[spec.Basic.Ack]
-    assert spec.Basic.Deliver.unmarshal is FAST[spec.Basic.Deliver]
+def test_the_readers_match_the_pinned_pamqp() -> None:
+    """The frame stream hands deliveries over only where they do: on the pamqp pyproject
+    pins, they must (else every delivery takes aiormq's path, slower, with a warning)."""
+    assert LAYOUT_MATCHES

@@ -3,7 +3,7 @@
 aiormq builds them with pamqp's generic marshaller: a ``Basic.Properties`` object, then a
 walk over every property and header with type lookups, about 40 µs for a Celery message.
 ``encode_publish`` writes the same bytes directly (the field table through
-:func:`aioqueue.brokers.amqp_headers.encode_field_table`). Whatever it does not handle
+:func:`aioqueue.brokers.amqp.field_tables.encode_field_table`). Whatever it does not handle
 itself (a property of an unexpected type, a value out of range, an exchange name pamqp
 would refuse, a header pamqp cannot encode) goes through pamqp exactly as aiormq does it,
 so such messages get pamqp's bytes or its errors, in the same order (properties checked
@@ -23,8 +23,8 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from ..protocol import Envelope
-from .amqp_headers import encode_field_table, use_pyamqp_compatible_field_tables
+from ...protocol import Envelope
+from .field_tables import HeaderProperties, encode_field_table
 
 __all__ = ("encode_publish", "random_message_id")
 
@@ -146,9 +146,10 @@ def _short(value: object) -> bytes:
     return bytes((len(data),)) + data
 
 
-def pamqp_properties(envelope: Envelope, message_id: str | None = None) -> spec.Basic.Properties:
-    """An envelope's AMQP properties as pamqp's object (``expiration`` is already in ms)."""
-    return spec.Basic.Properties(
+def pamqp_properties(envelope: Envelope, message_id: str | None = None) -> HeaderProperties:
+    """An envelope's AMQP properties as pamqp's object, headers written as ours
+    (``HeaderProperties``; ``expiration`` is already in ms)."""
+    return HeaderProperties(
         content_type=envelope.content_type or None,
         content_encoding=envelope.content_encoding or None,
         headers=envelope.headers or None,
@@ -166,7 +167,6 @@ def _with_pamqp(
     max_body: int,
 ) -> bytes:
     """The frames as aiormq's ``basic_publish`` builds them, with its checks and errors."""
-    use_pyamqp_compatible_field_tables()
     properties = pamqp_properties(envelope, message_id)
     if len(routing_key) > 255:
         raise ValueError("Routing key too long (max 255 bytes)")

@@ -11,14 +11,15 @@ One robust connection (aio-pika reconnects it by itself) with three kinds of cha
   prefetch applies to that consumer only.
 
 Per-message paths use the underlying aiormq channel directly, not aio-pika's ``Message``
-wrappers (see the consumer module for why), and received frames are cut from the socket's
-buffer and decoded by our code (:mod:`aioqueue.brokers.amqp_framing`,
-:mod:`aioqueue.brokers.amqp_decoding`): deliver and ack in the consumer module; publish
-through :mod:`aioqueue.brokers.amqp_publisher`, which writes the messages of one loop
-iteration together (frames from :mod:`aioqueue.brokers.amqp_frames`), or through aiormq's
-``basic_publish`` if the channel lacks what that needs. The connection and channel
-plumbing, and the translation of aio-pika, aiormq and pamqp exceptions into
-``BrokerConnectionError``/``BrokerError``, are in :mod:`aioqueue.brokers.amqp_channel`.
+wrappers (see the consumer module for why). Our connections run over our own frame stream
+(:mod:`aioqueue.brokers.amqp.stream`), which hands deliveries and confirms over as they are
+read; deliver and ack in the consumer module; publish through
+:mod:`aioqueue.brokers.amqp.publisher`, which writes the messages of one loop iteration
+together (frames from :mod:`aioqueue.brokers.amqp.frames`). With ``fast_paths`` off, all of
+that is aio-pika's and aiormq's public API: their own socket, ``basic_publish``,
+``basic_ack``. The connection and channel plumbing, and the translation of aio-pika, aiormq
+and pamqp exceptions into ``BrokerConnectionError``/``BrokerError``, are in
+:mod:`aioqueue.brokers.amqp.channel`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ import aiormq
 import anyio
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-from ..exceptions import BrokerConnectionError, BrokerError, SerializationError
-from ..protocol import Envelope
-from ..registry import mask_password
-from . import delay as delays
-from .amqp_channel import (
+from ...exceptions import BrokerConnectionError, BrokerError, SerializationError
+from ...protocol import Envelope
+from ...registry import mask_password
+from .. import delay as delays
+from ..base import Broker
+from .channel import (
     AMQP_ERRORS,
     CONNECTION_ERRORS,
     PUBLISH_ERRORS,
@@ -48,16 +50,13 @@ from .amqp_channel import (
     is_rabbitmq_3,
     translate,
 )
-from .amqp_consumer import AmqpConsumer, AmqpDelivery
-from .amqp_decoding import use_fast_frame_decoding
-from .amqp_frames import pamqp_properties
-from .amqp_framing import use_whole_frame_reading
-from .amqp_headers import use_pyamqp_compatible_field_tables
-from .amqp_publisher import ChannelPublisher
-from .base import Broker
+from .consumer import AmqpConsumer, AmqpDelivery
+from .frames import pamqp_properties
+from .publisher import ChannelPublisher
+from .stream import FrameStream, FrameStreamFactory, WireConnection, fast_stream_supported
 
 if TYPE_CHECKING:
-    from ..config import Queue, Settings
+    from ...config import Queue, Settings
 
 __all__ = ("AmqpBroker", "AmqpConsumer", "AmqpDelivery")
 
@@ -69,9 +68,8 @@ class AmqpBroker(Broker):
 
     def __init__(self, url: str, settings: Settings) -> None:
         super().__init__(url, settings)
-        use_pyamqp_compatible_field_tables()
-        use_fast_frame_decoding()  # and field tables: pamqp's values, read in place
-        use_whole_frame_reading()  # frames cut from the buffer whole, when they are there
+        # Our own frame stream under aiormq (stream.py), made for each connection.
+        self._streams: FrameStreamFactory | None = None
         self._connection: AbstractRobustConnection | None = None
         self._publish: Channel | None = None
         self._publisher: ChannelPublisher | None = None  # for the publish channel's current one
@@ -109,7 +107,7 @@ class AmqpBroker(Broker):
             return
         # Built by hand rather than with aio_pika.connect_robust(), so a connection that
         # fails or times out can be closed: otherwise its reconnect task keeps running.
-        connection = aio_pika.RobustConnection(connection_url(self.url))
+        connection = self._new_connection()
         try:
             with anyio.fail_after(self._timeout):
                 await connection.connect(timeout=self._timeout)
@@ -134,6 +132,23 @@ class AmqpBroker(Broker):
         self._publish = Channel(publish)
         self._declare = Channel(declare)
         connection.reconnect_callbacks.add(self._on_reconnect)
+
+    def _new_connection(self) -> aio_pika.RobustConnection:
+        """aio-pika's robust connection; with the fast paths on, over our frame stream."""
+        url = connection_url(self.url)
+        if not self.settings.fast_paths:
+            return aio_pika.RobustConnection(url)
+        if not fast_stream_supported():
+            _warn_once("the installed pamqp is not the one aioqueue's frame readers were "
+                       "written for: deliveries take aiormq's path (slower)")
+            return aio_pika.RobustConnection(url)
+        self._streams = FrameStreamFactory()
+        return WireConnection(url, transport_factory=self._streams)
+
+    def frame_stream(self) -> FrameStream | None:
+        """The frame stream of the current connection, for its consumers and publisher;
+        None with the fast paths off."""
+        return None if self._streams is None else self._streams.stream
 
     async def _on_reconnect(self, _connection: object) -> None:
         """aio-pika reconnected and restored its channels: reopen any it left closed.
@@ -179,6 +194,7 @@ class AmqpBroker(Broker):
         connection, self._connection = self._connection, None
         self._publish = self._declare = None
         self._publisher = None
+        self._streams = None
         self._declared.clear()
         self._exchanges.clear()
         self._declared_exchanges.clear()
@@ -305,10 +321,7 @@ class AmqpBroker(Broker):
         try:
             publisher = self._publisher
             if publisher is None or publisher.channel is not channel:
-                if ChannelPublisher.supports(channel):
-                    publisher = self._publisher = ChannelPublisher(channel)
-                else:
-                    publisher = None
+                publisher = self._publisher = self._new_publisher(channel)
             if publisher is not None:
                 confirmation = publisher.send(envelope, exchange=exchange, routing_key=routing_key)
                 if proof is None:
@@ -316,12 +329,7 @@ class AmqpBroker(Broker):
                 else:
                     await _confirmed_or_proven(confirmation, proof)
             else:
-                await channel.basic_publish(
-                    envelope.body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=pamqp_properties(envelope),
-                )
+                await _publish_through_aiormq(channel, envelope, exchange, routing_key)
         except aiormq.exceptions.DeliveryError as exc:
             raise BrokerError(
                 f"RabbitMQ refused the message for {exchange!r}/{routing_key!r} (nack)"
@@ -330,6 +338,17 @@ class AmqpBroker(Broker):
             raise SerializationError(f"message properties cannot be sent over AMQP: {exc}") from exc
         except PUBLISH_ERRORS as exc:
             raise translate(exc, f"cannot publish to {exchange!r}/{routing_key!r}") from exc
+
+    def _new_publisher(self, channel: aiormq.abc.AbstractChannel) -> ChannelPublisher | None:
+        """Our batching publisher for the publish channel's current aiormq channel; None
+        (aiormq's ``basic_publish``) with the fast paths off."""
+        if not self.settings.fast_paths:
+            return None
+        if not ChannelPublisher.supports(channel):
+            _warn_once("aiormq's channel lacks what aioqueue's publisher relies on: "
+                       "publishing through aiormq's basic_publish (slower)")
+            return None
+        return ChannelPublisher(channel, self.frame_stream())
 
     async def publish_delayed(self, envelope: Envelope, *, queue: str, delay: float) -> bool:
         """Publish into the delay levels (see :mod:`aioqueue.brokers.delay`), declaring what
@@ -386,6 +405,41 @@ class AmqpBroker(Broker):
     ) -> AmqpConsumer:
         """A consumer of ``queues`` (which must exist); ``start()`` subscribes."""
         return AmqpConsumer(self, queues, prefetch, no_ack)
+
+
+async def _publish_through_aiormq(
+    channel: aiormq.abc.AbstractChannel, envelope: Envelope, exchange: str, routing_key: str
+) -> None:
+    """aiormq's ``basic_publish`` (the fast paths off). When the connection closes, aiormq
+    fails a message waiting for its confirm with a bare ``Exception``, or cancels the wait
+    although nobody cancelled the caller: both mean the message may not have arrived."""
+    try:
+        await channel.basic_publish(
+            envelope.body, exchange=exchange, routing_key=routing_key,
+            properties=pamqp_properties(envelope),
+        )
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise BrokerConnectionError(
+            "the AMQP channel closed before RabbitMQ confirmed the message") from None
+    except Exception as exc:
+        if type(exc) is Exception or channel.is_closed:
+            raise BrokerConnectionError(
+                f"the AMQP channel closed before RabbitMQ confirmed the message: {exc!r}"
+            ) from exc
+        raise
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A fast path that cannot apply with the installed dependencies: said, once."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s; pin the versions pyproject allows", message)
 
 
 async def _confirmed_or_proven(

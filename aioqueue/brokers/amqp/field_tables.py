@@ -1,49 +1,47 @@
-"""AMQP field tables: header integers every py-amqp version reads, fast encode and decode.
+"""AMQP field tables as aioqueue writes and reads them; nothing here changes pamqp.
 
-Both directions are documented, tested patches of pamqp, installed by explicit calls.
+**Writing.** pamqp picks the smallest AMQP integer type for each int in a field table (tags
+b, s, u, I, i, l) and writes floats as 32-bit f. Stock Celery workers on py-amqp <= 5.3.1
+misread those tags: 's' (int16) is taken for a short string and the worker drops its
+connection in a loop (a ``timelimit`` of [300, 240] is enough), 'b' is read unsigned (-1 ->
+255), 'f' loses precision (reference/celery-protocol.md section 1.7). So every table
+aioqueue publishes is written here, never by pamqp's ``field_table``: ints as I (int32) or
+l (int64), floats as d (float64), exactly what py-amqp writes, every other type as pamqp
+would write it (pamqp's public value encoders for D, T, x and short strings). The result is
+valid AMQP for every reader, and RabbitMQ compares integer arguments by value whatever their
+width. ``encode_field_table`` has an inline path for what task headers hold (str keys and
+str, None, bool, int, float, dict, list values) and a general one for everything else,
+which raises pamqp's ``TypeError`` for a type AMQP cannot carry. The frames module puts the
+bytes into our own publish frames, and ``HeaderProperties`` into aiormq's ``basic_publish``
+when the fast paths are off.
 
-pamqp picks the smallest AMQP integer type for each int in a field table (tags b, s, u, I,
-i, l) and writes floats as 32-bit f. Stock Celery workers on py-amqp <= 5.3.1 misread those
-tags: 's' (int16) is taken for a short string and the worker drops its connection in a loop
-(a `timelimit` of [300, 240] is enough), 'b' is read unsigned (-1 -> 255), 'f' loses
-precision (reference/celery-protocol.md section 1.7). pamqp has no hook for this, so the one
-function that encodes a field-table value is replaced, once, when the first AmqpBroker is
-built: ints become I (int32) or l (int64), floats d (float64), exactly what py-amqp writes;
-every other type goes to pamqp's own encoder. The result is valid AMQP for every reader,
-RabbitMQ compares integer arguments by value whatever their width, and pamqp's nested
-tables and arrays call this function by its module name, so they are covered too.
-
-``encode_field_table`` writes the same bytes as patched pamqp for the types task headers
-hold (str, None, bool, int, float, dict, list) about four times faster; the publisher
-(:mod:`aioqueue.brokers.amqp_frames`) uses it for every message. Anything else (other types,
-non-str keys, keys pamqp would truncate, values out of range) goes to pamqp's own
-``field_table`` for the whole table, so unusual tables get pamqp's bytes and its errors.
-
-``decode_field_table`` is the reading side: pamqp's decoder copies the rest of the buffer
-for every field (about 15 us for a 20-field Celery header table), this one walks the bytes
-with an offset (about 6.5 us). It reads every fixed-size tag and S, V, t, F, A, and
-returns what pamqp returns, types included (bool for t, bytes for a long string that is not
-utf-8). Any other tag (D, T, x), a value or key running past the end of its table or array (pamqp
-would read on into the bytes that follow), deep nesting or any error sends the whole table
-to pamqp's own ``field_table``, so unusual or malformed tables get pamqp's values and its
-errors. ``use_fast_field_table_decoding`` installs it everywhere pamqp looks a table
-decoder up: the module attribute, ``METHODS['table']`` and ``TABLE_MAPPING[b'F']``.
+**Reading.** ``decode_field_table`` is used on deliveries our own frame reader hands over
+(:mod:`aioqueue.brokers.amqp.stream`): pamqp's decoder copies the rest of the buffer for
+every field (about 15 us for a 20-field Celery header table), this one walks the bytes with
+an offset (about 6.5 us). It reads every fixed-size tag and S, V, t, F, A, and returns what
+pamqp returns, types included (bool for t, bytes for a long string that is not utf-8). Any
+other tag (D, T, x), a value or key running past the end of its table or array, deep
+nesting or any error sends the whole table to pamqp's public ``decode.field_table``, so
+unusual or malformed tables get pamqp's values and its errors. Frames that take aiormq's
+path are decoded by pamqp, unchanged.
 """
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import struct
-from collections.abc import Callable
+import time
 from typing import Any
 
 import pamqp.decode
 import pamqp.encode
+from pamqp import commands as spec
 
 __all__ = (
+    "HeaderProperties",
     "decode_field_table",
     "encode_field_table",
-    "use_fast_field_table_decoding",
-    "use_pyamqp_compatible_field_tables",
 )
 
 _INT32 = struct.Struct(">i")
@@ -54,7 +52,6 @@ _EMPTY_TABLE = b"\x00\x00\x00\x00"
 # Field tables' key layouts by their key tuple (see _layout); bounded.
 _LAYOUTS: dict[tuple[str, ...], list[tuple[str, bytes]]] = {}
 _LAYOUTS_MAX = 256
-_pamqp_encode_table_value: Callable[[Any], bytes] | None = None
 # The fixed-size values the decoder reads (by tag): I, l, d.
 # Fixed-size tags: pamqp's formats (I and b s signed, B u i unsigned; L read as signed too).
 _FIXED = {
@@ -65,29 +62,6 @@ _FIXED = {
 }
 # Nesting the fast decoder reads; deeper tables go to pamqp, whose recursion decides.
 _MAX_DEPTH = 32
-_pamqp_decode_table: Callable[[bytes], tuple[int, Any]] | None = None
-
-
-def _encode_table_value(value: Any) -> bytes:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if -0x8000_0000 <= value <= 0x7FFF_FFFF:
-            return b"I" + _INT32.pack(value)
-        if -0x8000_0000_0000_0000 <= value <= 0x7FFF_FFFF_FFFF_FFFF:
-            return b"l" + _INT64.pack(value)
-        raise TypeError(f"integer {value} does not fit in an AMQP field table (64 bits)")
-    if isinstance(value, float):
-        return b"d" + _FLOAT64.pack(value)
-    assert _pamqp_encode_table_value is not None
-    return _pamqp_encode_table_value(value)
-
-
-def use_pyamqp_compatible_field_tables() -> None:
-    """Make pamqp write header ints as I/l and floats as d (see above); idempotent."""
-    global _pamqp_encode_table_value
-    current = pamqp.encode.encode_table_value
-    if current is not _encode_table_value:
-        _pamqp_encode_table_value = current
-        setattr(pamqp.encode, "encode_table_value", _encode_table_value)  # noqa: B010
 
 
 class _Unusual(Exception):
@@ -96,14 +70,13 @@ class _Unusual(Exception):
 
 
 def encode_field_table(table: dict[str, Any] | None) -> bytes:
-    """An AMQP field table, byte for byte what pamqp (with the patch above) writes."""
+    """An AMQP field table: ints as I/l, floats as d, the rest as pamqp writes it."""
     if not table:
         return _EMPTY_TABLE
     try:
         return _table(table)
     except _Unusual:
-        use_pyamqp_compatible_field_tables()
-        return pamqp.encode.field_table(table)
+        return _general_table(table)
 
 
 def _table(table: dict[str, Any]) -> bytes:
@@ -181,17 +154,66 @@ def _value(value: Any) -> bytes:
     raise _Unusual
 
 
-def use_fast_field_table_decoding() -> None:
-    """Make pamqp read field tables with ``decode_field_table`` (see above); idempotent."""
-    global _pamqp_decode_table
-    current = pamqp.decode.field_table
-    if current is not decode_field_table:
-        _pamqp_decode_table = current
-        setattr(pamqp.decode, "field_table", decode_field_table)  # noqa: B010
-    # Properties and method frames find it through METHODS, nested 'F' values through
-    # TABLE_MAPPING: both hold the function itself, not its module name.
-    pamqp.decode.METHODS["table"] = decode_field_table
-    pamqp.decode.TABLE_MAPPING[b"F"] = decode_field_table
+def _general_table(table: Any) -> bytes:
+    """Any table pamqp's ``field_table`` takes, laid out as it lays it out (sorted keys,
+    keys over 128 bytes cut), with ints and floats as ``_general_value`` writes them."""
+    if not table:
+        return _EMPTY_TABLE
+    if not isinstance(table, dict):
+        raise TypeError(f"dict required, received {type(table)}")
+    parts: list[bytes] = []
+    for key, value in sorted(table.items()):
+        encoded = key.encode()
+        if len(encoded) > 128:  # AMQP's limit for a field name; pamqp cuts it too
+            key = encoded[:128].decode("utf-8", "ignore")
+        parts.append(pamqp.encode.short_string(key))
+        parts.append(_general_value(value))
+    data = b"".join(parts)
+    return _UINT32.pack(len(data)) + data
+
+
+def _general_value(value: Any) -> bytes:
+    if isinstance(value, bool):
+        return b"t\x01" if value else b"t\x00"
+    if isinstance(value, int):
+        if -0x8000_0000 <= value <= 0x7FFF_FFFF:
+            return b"I" + _INT32.pack(value)
+        if -0x8000_0000_0000_0000 <= value <= 0x7FFF_FFFF_FFFF_FFFF:
+            return b"l" + _INT64.pack(value)
+        raise TypeError(f"integer {value} does not fit in an AMQP field table (64 bits)")
+    if isinstance(value, decimal.Decimal):
+        return b"D" + pamqp.encode.decimal(value)
+    if isinstance(value, float):
+        return b"d" + _FLOAT64.pack(value)
+    if isinstance(value, str):
+        return b"S" + pamqp.encode.long_string(value)
+    if isinstance(value, (datetime.datetime, time.struct_time)):
+        return b"T" + pamqp.encode.timestamp(value)
+    if isinstance(value, dict):
+        return b"F" + _general_table(value)
+    if isinstance(value, list):
+        data = b"".join([_general_value(item) for item in value])
+        return b"A" + _UINT32.pack(len(data)) + data
+    if isinstance(value, bytearray):
+        return b"x" + pamqp.encode.byte_array(value)
+    if value is None:
+        return b"V"
+    raise TypeError(f"Unknown type: {type(value)} ({value!r})")
+
+
+class HeaderProperties(spec.Basic.Properties):
+    """pamqp's message properties, but the headers table written by ``encode_field_table``:
+    for aiormq's public ``basic_publish`` (the fast paths off), on our messages only. No
+    ``__slots__`` of its own: pamqp walks ``self.__slots__`` to find the properties, which
+    must stay its class's."""
+
+    def encode_property(self, name: str, value: Any) -> bytes:
+        if name == "headers":
+            return encode_field_table(value)
+        return super().encode_property(name, value)
+
+
+_pamqp_table = pamqp.decode.field_table  # pamqp's decoder, for what ours leaves to it
 
 
 def decode_field_table(value: bytes) -> tuple[int, dict[str, Any]]:
@@ -203,10 +225,7 @@ def decode_field_table(value: bytes) -> tuple[int, dict[str, Any]]:
                 return consumed, table
         except Exception:  # unusual or malformed: pamqp gives the value or raises its error
             pass
-    original = _pamqp_decode_table
-    if original is None:  # not installed: the module's function is still pamqp's
-        original = pamqp.decode.field_table
-    consumed, table = original(value)
+    consumed, table = _pamqp_table(value)
     return consumed, table
 
 

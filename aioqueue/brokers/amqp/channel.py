@@ -20,10 +20,10 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import AbstractChannel
 from yarl import URL
 
-from ..exceptions import BrokerConnectionError, BrokerError
+from ...exceptions import BrokerConnectionError, BrokerError
 
 if TYPE_CHECKING:
-    from ..config import Queue
+    from ...config import Queue
 
 __all__ = (
     "AMQP_ERRORS",

@@ -9,7 +9,7 @@ consume throughput (measured locally), and the raw AMQP properties are what the 
 holds anyway (``expiration`` stays the millisecond string Celery sent). aio-pika's robust
 consumers cannot be used that way, so a consumer subscribes again by itself when aio-pika
 reopens its channel. Deliveries come to ``_on_delivery`` straight from the connection's frame
-reader when they can (:mod:`aioqueue.brokers.amqp_framing`), else through aiormq's channel.
+stream when they can (:mod:`aioqueue.brokers.amqp.stream`), else through aiormq's channel.
 
 Acks and rejects are written once per loop iteration, not one frame (and one ``send()``)
 each: ``ack()``/``reject()`` queue the settle and wait until it is on the connection's write
@@ -41,14 +41,14 @@ from aiormq.abc import AbstractChannel, ChannelFrame, DeliveredMessage
 from aiormq.exceptions import AMQPChannelError, ChannelClosed
 from pamqp import commands as spec
 
-from ..exceptions import BrokerConnectionError, BrokerError
-from ..protocol import Envelope
-from .amqp_channel import AMQP_ERRORS, CONNECTION_ERRORS, close_quietly, declare_on, translate
-from .amqp_framing import deliver_directly, delivered_through_aiormq, stop_delivering_directly
-from .base import Consumer, Delivery
+from ...exceptions import BrokerConnectionError, BrokerError
+from ...protocol import Envelope
+from ..base import Consumer, Delivery
+from .channel import AMQP_ERRORS, CONNECTION_ERRORS, close_quietly, declare_on, translate
+from .constants import ACK, FRAME_END, METHOD, REJECT
 
 if TYPE_CHECKING:
-    from .amqp import AmqpBroker
+    from .broker import AmqpBroker
 
 __all__ = ("AmqpConsumer", "AmqpDelivery")
 
@@ -59,15 +59,14 @@ logger = logging.getLogger("aioqueue.brokers.amqp")
 # basic.ack (class 60, method 80) and basic.reject (60, 90) method frames: frame type 1, the
 # channel, payload size 13 (class, method, delivery tag, one flag octet), frame end 0xCE.
 _SETTLE_FRAME = struct.Struct(">BHIHHQBB")
-_FRAME_END = 0xCE
 
 
 def _ack_frame(channel: int, tag: int, multiple: bool) -> bytes:
-    return _SETTLE_FRAME.pack(1, channel, 13, 60, 80, tag, multiple, _FRAME_END)
+    return _SETTLE_FRAME.pack(METHOD, channel, 13, *ACK, tag, multiple, FRAME_END)
 
 
 def _reject_frame(channel: int, tag: int, requeue: bool) -> bytes:
-    return _SETTLE_FRAME.pack(1, channel, 13, 60, 90, tag, requeue, _FRAME_END)
+    return _SETTLE_FRAME.pack(METHOD, channel, 13, *REJECT, tag, requeue, FRAME_END)
 
 
 class _Tags:
@@ -113,14 +112,17 @@ class _Tags:
 
 
 class _Settler:
-    """A consumer's pending acks and rejects, written once per loop iteration."""
+    """A consumer's pending acks and rejects, written once per loop iteration; with the fast
+    paths off (``fast`` False), each sent by aiormq's own ``basic_ack``/``basic_reject``."""
 
-    __slots__ = ("_flusher", "_pending", "_waiters")
+    __slots__ = ("_flusher", "_pending", "_sending", "_waiters", "fast")
 
-    def __init__(self) -> None:
+    def __init__(self, fast: bool) -> None:
+        self.fast = fast
         self._pending: list[tuple[_Tags, int, bool | None]] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()  # aiormq's calls, when not fast
 
     def settle(
         self, tags: _Tags, tag: int, requeue: bool | None, alone: bool = False
@@ -133,6 +135,11 @@ class _Settler:
         connection's write queue at once, without the flusher's loop iteration.
         """
         loop = asyncio.get_running_loop()
+        if not self.fast:
+            task = loop.create_task(_send(tags.channel, tag, requeue), name="aioqueue amqp ack")
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+            return task
         written: asyncio.Future[None] = loop.create_future()
         if alone and self._flusher is None and not self._pending:
             channel: Any = tags.channel
@@ -151,6 +158,8 @@ class _Settler:
 
     async def written(self) -> None:
         """Until every settle queued so far is written (or known lost)."""
+        if self._sending:
+            await asyncio.wait(set(self._sending))
         if self._flusher is None and not self._pending:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -217,6 +226,8 @@ class _Settler:
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
             flusher.cancel()  # it logs its own batch and wakes its waiters
+        for task in self._sending:
+            task.cancel()  # each logs its own settle
         _lost(self._pending, "the connection is closing")
         self._pending = []
         _wake(self._waiters)
@@ -283,6 +294,19 @@ async def _nothing() -> None:
     """What ``AmqpConsumer._on_message`` gives aiormq to run: the work is done already."""
 
 
+async def _send(channel: AbstractChannel, tag: int, requeue: bool | None) -> None:
+    """One settle through aiormq's public API (the fast paths off); never raises."""
+    try:
+        if requeue is None:
+            await channel.basic_ack(tag)
+        else:
+            await channel.basic_reject(tag, requeue=requeue)
+    except asyncio.CancelledError:
+        _lost_one(tag, requeue, "the connection is closing")
+    except Exception as exc:
+        _lost_one(tag, requeue, str(exc) or type(exc).__name__)
+
+
 def _wake(waiters: list[asyncio.Future[None]]) -> None:
     for waiter in waiters:
         if not waiter.done():
@@ -295,10 +319,14 @@ def _lost_batch(tags: _Tags, acks: list[int], rejects: list[tuple[int, bool]], r
 
 def _lost(settles: Sequence[tuple[_Tags, int, bool | None]], reason: str) -> None:
     for _, tag, requeue in settles:
-        logger.warning(
-            "could not %s delivery %d (%s); RabbitMQ will deliver it again",
-            "ack" if requeue is None else "reject", tag, reason,
-        )
+        _lost_one(tag, requeue, reason)
+
+
+def _lost_one(tag: int, requeue: bool | None, reason: str) -> None:
+    logger.warning(
+        "could not %s delivery %d (%s); RabbitMQ will deliver it again",
+        "ack" if requeue is None else "reject", tag, reason,
+    )
 
 
 class AmqpDelivery(Delivery):
@@ -361,7 +389,7 @@ class AmqpConsumer(Consumer):
         self._error: BrokerError | None = None
         self._outstanding = 0  # handed out by receive(), not yet settled
         self._global_qos = False
-        self._settler = _Settler()
+        self._settler = _Settler(broker.settings.fast_paths)
         # Per aiormq channel (a reconnect brings a new one, numbering from 1 again): the tags
         # delivered to us, to know which acks may be merged into one.
         self._delivered: dict[AbstractChannel, _Tags] = {}
@@ -394,10 +422,12 @@ class AmqpConsumer(Consumer):
         self._underlay = channel
         channel.closing.add_done_callback(self._on_channel_closed)
         channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        stream = self._broker.frame_stream()  # None with the fast paths off
         for name in self._queues:
             tag = self._tags[name]
             # Before the basic.consume: its first deliveries may come right behind the reply.
-            deliver_directly(tag, channel, self._on_delivery)
+            if stream is not None:
+                stream.deliver_directly(tag, channel, self._on_delivery)
             await channel.basic_consume(
                 name, self._on_message, no_ack=self._no_ack, consumer_tag=tag
             )
@@ -420,19 +450,19 @@ class AmqpConsumer(Consumer):
         after its channel reader assembled the delivery; the coroutine returned is awaited
         there and does nothing.
         """
-        delivered_through_aiormq(message.channel)  # before: direct ones may follow it now
         self._on_delivery(message)
         return _nothing()
 
     def _on_delivery(self, message: DeliveredMessage) -> None:
-        """Every delivery, from the frame reader (``amqp_framing.deliver_directly``) or from
+        """Every delivery, from our frame stream (``FrameStream.deliver_directly``) or from
         aiormq's channel reader (``_on_message``): keep it minimal. It must not raise: an
         exception here would end aiormq's reader."""
         try:
             if not self._no_ack:
                 # Registered first, whatever happens next: a multiple ack must know every tag.
                 tags = self._tags_of(message.channel)
-                tags.open.append(message.delivery_tag or 0)
+                if self._settler.fast:
+                    tags.open.append(message.delivery_tag or 0)
                 if self._stopped:
                     self._requeue(tags, message)  # written by the settler, in order
                     return
@@ -652,8 +682,10 @@ class AmqpConsumer(Consumer):
         self._wake_taker()
 
     def _undirect(self) -> None:
-        for tag in self._tags.values():
-            stop_delivering_directly(tag)
+        stream = self._broker.frame_stream()
+        if stream is not None:
+            for tag in self._tags.values():
+                stream.stop_delivering_directly(tag)
 
     async def _close_channel(self) -> None:
         self._undirect()

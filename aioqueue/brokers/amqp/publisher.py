@@ -5,15 +5,16 @@ that one message on the socket. Thousands of concurrent ``delay()`` calls then q
 the lock (``asyncio.Lock`` looks through its waiters on every acquire: quadratic), and each
 message costs two task switches, a ``send()`` and pamqp's generic encoder. Here:
 
-* ``send`` encodes the message's frames at once (:mod:`aioqueue.brokers.amqp_frames`,
+* ``send`` encodes the message's frames at once (:mod:`aioqueue.brokers.amqp.frames`,
   the same bytes) and adds them to its channel's batch; the caller awaits the confirm;
 * one flusher task per channel, started when a batch begins, takes the whole batch when
   the loop gets to it. Under aiormq's channel lock it numbers the messages (the delivery
   tags the broker counts), registers their confirmation futures in the channel's
-  ``confirmations``, where aiormq's frame reader resolves them (``basic.ack``/``nack``,
-  single or multiple), and puts them on the connection's write queue in chunks of
-  ``_CHUNK`` bytes. It waits for the socket to drain before the next batch (backpressure;
-  meanwhile the next batch grows), and keeps at most ``_MAX_UNCONFIRMED`` messages
+  ``confirmations``, where our frame stream (or aiormq's channel) resolves them
+  (``basic.ack``/``nack``, single or multiple), and puts them on the connection's write
+  queue in chunks of ``_CHUNK`` bytes. It waits for the socket to drain before the next
+  batch (backpressure; meanwhile the next batch grows), and keeps at most
+  ``_MAX_UNCONFIRMED`` messages
   waiting for their confirm;
 * a publish while nothing else is being written (no batch, an empty write queue: a lone
   ``delay()``) is numbered and queued at once, without the flusher's loop iteration.
@@ -24,8 +25,10 @@ When the channel closes, every message not yet confirmed fails with the reason, 
 own futures do.
 
 This relies on attributes of aiormq's ``Channel`` that are public but not documented
-(``confirmations``, ``delivery_tag``, ``write_queue``, ``lock``, ``max_content_size``);
-``supports()`` checks them, and the broker falls back to ``basic_publish`` without them.
+(``confirmations``, ``delivery_tag``, ``write_queue``, ``lock``, ``max_content_size``), on
+our own channels only, for the aiormq versions pyproject allows (docs/design.md, "What we
+rely on in our dependencies"). ``supports()`` checks them; without them the broker warns
+once and publishes with aiormq's ``basic_publish``, as it does with the fast paths off.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ from typing import Any
 from aiormq.abc import AbstractChannel, ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
 
-from ..protocol import Envelope
-from .amqp_frames import encode_publish
-from .amqp_framing import confirm_directly, stop_confirming_directly
+from ...protocol import Envelope
+from .frames import encode_publish
+from .stream import FrameStream
 
 __all__ = ("ChannelPublisher",)
 
@@ -61,16 +64,18 @@ _Confirmation = asyncio.Future[Any]
 class ChannelPublisher:
     """Publishes on one aiormq channel with publisher confirms (see the module docstring)."""
 
-    __slots__ = ("_batch", "_closed", "_flusher", "_loop", "channel")
+    __slots__ = ("_batch", "_closed", "_flusher", "_loop", "_stream", "channel")
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    def __init__(self, channel: AbstractChannel, stream: FrameStream | None) -> None:
         self.channel = channel
+        self._stream = stream  # settles our confirms as they are read, when there is one
         self._loop = asyncio.get_running_loop()
         self._batch: list[tuple[bytes, _Confirmation]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed: BaseException | None = None
         channel.closing.add_done_callback(self._on_close)
-        confirm_directly(channel)
+        if stream is not None:
+            stream.confirm_directly(channel)
 
     @staticmethod
     def supports(channel: AbstractChannel) -> bool:
@@ -153,7 +158,8 @@ class ChannelPublisher:
             await drained
 
     def _on_close(self, closing: asyncio.Future[Any]) -> None:
-        stop_confirming_directly(self.channel)
+        if self._stream is not None:
+            self._stream.stop_confirming_directly(self.channel)
         self._closed = _reason(_close_reason(self.channel), self.channel)
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
