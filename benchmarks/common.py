@@ -35,11 +35,15 @@ class Context:
     results: bool  # configure a Redis result backend
     amqp_url: str = AMQP_URL
     redis_url: str = REDIS_URL
-    options: dict[str, str] = field(default_factory=dict)  # client-only knobs (e.g. confirm)
+    options: dict[str, str] = field(default_factory=dict)  # app knobs (e.g. confirm)
+    extra_env: dict[str, str] = field(default_factory=dict)  # the system's own variables
 
     def env(self) -> dict[str, str]:
         """The environment a worker or client of this context runs with."""
         env = dict(os.environ)
+        # Only a system that asks for it runs with aioqueue's fast paths off: a value in the
+        # caller's environment must not change the other aioqueue rows.
+        env.pop("AIOQUEUE_FAST_PATHS", None)
         env.update(
             BENCH_SYSTEM=self.system,
             BENCH_WORKLOAD=self.workload,
@@ -52,6 +56,7 @@ class Context:
             BENCH_OPTIONS=json.dumps(self.options),
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.extra_env)
         return env
 
     def to_json(self) -> str:

@@ -5,19 +5,34 @@ repetitions, and two ratios of its median, both measured in the same run: to sto
 best pool for that metric, and to the raw aio-pika floor. A ratio is always ``value /
 reference`` in the metric's own unit, so for throughput more is better and for latency,
 memory and start-up less is better (the table header says which).
+
+Rows whose client publishes without waiting for RabbitMQ's confirm (stock Celery's and
+Dramatiq's defaults; aioqueue's ``delay()`` waits for it) are marked with a dagger, so
+``dramatiq`` and ``dramatiq-confirm`` read apart. After the tables, two same-run comparisons:
+each two-process row over its one-process row, and ``aioqueue`` over ``aioqueue-nofast`` (its
+fast paths off) for every metric both were measured in.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.runner import Sample
+from benchmarks.systems import SYSTEMS
+from benchmarks.systems.aioqueue import NOFAST
 from benchmarks.workloads import WORKLOADS, Metric, Workload
+
+#: After a row's name: its client does not wait for publisher confirms.
+NO_CONFIRM = "\u2020"
+NO_CONFIRM_NOTE = (f"{NO_CONFIRM} the client's publish returns without waiting for RabbitMQ's "
+                   "publisher confirm (the library's default); aioqueue's delay() waits for it. "
+                   "dramatiq-confirm is Dramatiq with confirm_delivery=True.")
 
 
 @dataclass
@@ -36,6 +51,24 @@ class Summary:
     max: float | None = None
     vs_celery_best: float | None = None
     vs_raw: float | None = None
+    confirms: bool = True  # the row's client waits for RabbitMQ's publisher confirm
+
+
+def row_confirms(system: str, row: str) -> bool:
+    """Whether a row's client waits for publisher confirms: its ``confirm`` option if it has
+    one (Celery's enqueue rows, dramatiq-confirm), else what its system declares."""
+    spec = SYSTEMS.get(system)
+    if spec is None:
+        return True
+    options = dict(spec.options) | dict(dict(spec.enqueue_rows).get(row, ()))
+    if "confirm" in options:
+        return options["confirm"] == "1"
+    return spec.confirms
+
+
+def shown(s: Summary) -> str:
+    """The row's name as the tables show it: marked when its client skips confirms."""
+    return s.row if s.confirms else s.row + NO_CONFIRM
 
 
 def _best(summaries: list[Summary], metric: Metric, family: str) -> Summary | None:
@@ -63,6 +96,7 @@ def summarize(samples: list[Sample]) -> list[Summary]:
                     wname, metric.key, metric.unit, metric.higher_is_better, row,
                     first.system, first.family, values,
                     [s.error or "failed" for s in row_samples if not s.ok],
+                    confirms=row_confirms(first.system, row),
                 )
                 if values:
                     summary.median = statistics.median(values)
@@ -113,11 +147,14 @@ def table(summaries: list[Summary], counts: dict[str, int], repeat: int) -> str:
             d = metric.digits
             note = f"  ({len(s.failures)} failed: {s.failures[0][:60]})" if s.failures else ""
             lines.append(
-                f"  {s.row:<24}{_num(s.median, d):>12}{_num(s.min, d):>12}"
+                f"  {shown(s):<24}{_num(s.median, d):>12}{_num(s.min, d):>12}"
                 f"{_num(s.max, d):>12}{_ratio(s.vs_celery_best):>15}{_ratio(s.vs_raw):>9}"
                 f"{note}"
             )
-    return "\n".join(lines + _scaling_lines(summaries, markdown=False))
+    if not all(s.confirms for s in summaries):
+        lines += ["", *textwrap.wrap(NO_CONFIRM_NOTE, 96, subsequent_indent="  ")]
+    return "\n".join(lines + _scaling_lines(summaries, markdown=False)
+                     + _fast_path_lines(summaries, markdown=False))
 
 
 #: (one-process row, two-process row) pairs whose throughput ratio shows the second core.
@@ -159,6 +196,41 @@ def _scaling_lines(summaries: list[Summary], *, markdown: bool) -> list[str]:
     return lines
 
 
+def fast_paths(summaries: list[Summary]) -> list[tuple[Workload, Metric, float, float, float]]:
+    """(workload, metric, aioqueue's median, aioqueue-nofast's, their ratio) where both ran."""
+    found = []
+    for _, workload, metric, group in _groups(summaries):
+        medians = {s.row: s.median for s in group if s.median}
+        on, off = medians.get("aioqueue"), medians.get(NOFAST)
+        if on and off:
+            found.append((workload, metric, on, off, on / off))
+    return found
+
+
+def _fast_path_lines(summaries: list[Summary], *, markdown: bool) -> list[str]:
+    rows = fast_paths(summaries)
+    if not rows:
+        return []
+    title = f"Fast paths (same run): aioqueue / {NOFAST}"
+    note = (f"{NOFAST} is aioqueue with fast_paths off (the public API of aio-pika, aiormq "
+            "and redis-py only); a ratio above 1 is better for throughput, below 1 for "
+            "latency, memory and start-up")
+    if markdown:
+        lines = ["", f"**{title}**: {note}.", "",
+                 f"| workload | metric | aioqueue | {NOFAST} | aioqueue / {NOFAST} |",
+                 "|---|---|---:|---:|---:|"]
+        lines += [f"| {w.name} | {m.label} ({m.unit}) | {_num(on, m.digits)} | "
+                  f"{_num(off, m.digits)} | {r:.2f}x |" for w, m, on, off, r in rows]
+        return lines
+    lines = ["", title, *textwrap.wrap(note, 96, initial_indent="  ", subsequent_indent="  ",
+                                       break_on_hyphens=False),
+             f"  {'workload':<16}{'metric':<24}{'aioqueue':>12}{NOFAST:>18}"
+             f"{'ratio':>8}"]
+    lines += [f"  {w.name:<16}{m.label + ' (' + m.unit + ')':<24}{_num(on, m.digits):>12}"
+              f"{_num(off, m.digits):>18}{r:>7.2f}x" for w, m, on, off, r in rows]
+    return lines
+
+
 def markdown(summaries: list[Summary], counts: dict[str, int], repeat: int) -> str:
     """The same tables in Markdown, for docs/benchmarks.md."""
     lines: list[str] = []
@@ -174,13 +246,16 @@ def markdown(summaries: list[Summary], counts: dict[str, int], repeat: int) -> s
             "|---|---:|---:|---:|---:|---:|",
         ]
         for s in group:
-            name = f"**{s.row}**" if s.family == "aioqueue" else s.row
+            name = f"**{s.row}**" if s.family == "aioqueue" else shown(s)
             failed = f" ({len(s.failures)} failed)" if s.failures else ""
             lines.append(
                 f"| {name}{failed} | {_num(s.median, d)} | {_num(s.min, d)} | "
                 f"{_num(s.max, d)} | {_ratio(s.vs_celery_best)} | {_ratio(s.vs_raw)} |"
             )
-    return "\n".join(lines + _scaling_lines(summaries, markdown=True))
+    if not all(s.confirms for s in summaries):
+        lines += ["", NO_CONFIRM_NOTE]
+    return "\n".join(lines + _scaling_lines(summaries, markdown=True)
+                     + _fast_path_lines(summaries, markdown=True))
 
 
 def write_json(path: Path, meta: dict[str, Any], samples: list[Sample],

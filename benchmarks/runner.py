@@ -128,7 +128,7 @@ class Runner:
             system=system.name, workload=workload.name,
             queue=f"bench-{self.run_id}-{_slug(row)}-{workload.name}",
             prefix=self.prefix, signal_path=self.signal_path, results=workload.results,
-            options=options,
+            options={**dict(system.options), **options}, extra_env=dict(system.env),
         )
 
     def _start_worker(self, system: System, ctx: Context, row: str) -> tuple[WorkerProcess, float]:

@@ -2,11 +2,18 @@
 
 Defaults kept: late acknowledgement (ack after the result is stored), publisher confirms on
 every ``delay()``, prefetch = concurrency x 4. Concurrency is set on the command line.
+
+``fast_paths`` is the library default (on) unless the run's ``fast_paths`` option is "0"
+(``aioqueue-nofast``: aio-pika, aiormq and redis-py public API only). It is set here, in the
+module both the worker and the client import, so both sides of a row agree; the worker of
+that row also gets ``AIOQUEUE_FAST_PATHS=0``, as a user would set it for the worker CLI. When
+off, the module says so on stderr (the worker's and the client's logs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 from aioqueue import AioQueue
@@ -22,7 +29,10 @@ app = AioQueue(
     task_default_queue=S.queue,
     result_expires=3600,
     result_backend_transport_options={"global_keyprefix": S.prefix},
+    fast_paths=S.options.get("fast_paths", "1") != "0",
 )
+if not app.conf.fast_paths:
+    print("aioqueue_app: fast_paths off", file=sys.stderr, flush=True)
 
 
 @app.task(name="bench.noop")

@@ -1,7 +1,9 @@
 """Dramatiq: thread-pool actors on RabbitMQ, Redis results through the Results middleware.
 
-Default middleware and defaults otherwise (``confirm_delivery`` off, prefetch = 2 x threads).
-Result keys are namespaced with the run's prefix so the suite can delete exactly its own.
+Default middleware and defaults otherwise (prefetch = 2 x threads). ``confirm_delivery`` is
+Dramatiq's default (off) unless the run's ``confirm`` option is "1" (``dramatiq-confirm``, in
+worker and client alike). Result keys are namespaced with the run's prefix so the suite can
+delete exactly its own.
 """
 
 from __future__ import annotations

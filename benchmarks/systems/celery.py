@@ -88,7 +88,7 @@ SYSTEMS = [
         worker_argv=_argv(pool), driver=Driver,
         requires=("celery", "gevent") if pool == "gevent" else ("celery",),
         queues=lambda ctx: [ctx.queue], exchanges=lambda ctx: [ctx.queue],
-        enqueue_rows=_ENQUEUE_ROWS,
+        enqueue_rows=_ENQUEUE_ROWS, confirms=False,  # Celery's default; see the enqueue rows
     )
     for pool, count in POOLS.items()
 ]

@@ -21,6 +21,14 @@ class System:
     queues: Callable[[Context], list[str]]  # AMQP queues to delete after a run
     exchanges: Callable[[Context], list[str]] = lambda ctx: []
     redis_patterns: Callable[[Context], list[str]] = lambda ctx: [f"{ctx.prefix}*"]
+    #: Options every workload gives the worker's and the client's app module (``BENCH_OPTIONS``;
+    #: an enqueue row's own options are added to them), e.g. ``(("confirm", "1"),)``.
+    options: tuple[tuple[str, str], ...] = ()
+    #: Environment variables set for the worker and the client, e.g. the worker CLI's own.
+    env: tuple[tuple[str, str], ...] = ()
+    #: The client's publish returns only after RabbitMQ's publisher confirm, as aioqueue's
+    #: ``delay()`` does; the like-for-like latency target compares only with such peers.
+    confirms: bool = True
     #: Rows of the enqueue table, each (row name, client options); Celery has two.
     enqueue_rows: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     #: Modules the worker and client import; checked before a run starts.
