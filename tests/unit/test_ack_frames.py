@@ -1,4 +1,4 @@
-"""The frames the AMQP consumer writes for a batch of settles (``amqp_consumer._Tags``).
+"""The frames the AMQP consumer writes for a batch of settles (``amqp_consumer.Tags``).
 
 No server: the bytes are compared with pamqp's own marshalling and read back with pamqp, and
 the choice of frames is checked on the bookkeeping alone. RabbitMQ's side of it (which
@@ -19,13 +19,8 @@ import pytest
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
 
-from aioqueue.brokers.amqp.consumer import (
-    AmqpConsumer,
-    _ack_frame,
-    _reject_frame,
-    _Settler,
-    _Tags,
-)
+from aioqueue.brokers.amqp.acks import Settler, Tags, ack_frame, reject_frame
+from aioqueue.brokers.amqp.consumer import AmqpConsumer
 from aioqueue.config import Settings
 
 
@@ -34,8 +29,8 @@ class FakeChannel:
     number: int
 
 
-def tags_of(*delivered: int, number: int = 3) -> _Tags:
-    tags = _Tags(FakeChannel(number))  # type: ignore[arg-type]  # only .number is used
+def tags_of(*delivered: int, number: int = 3) -> Tags:
+    tags = Tags(FakeChannel(number))  # type: ignore[arg-type]  # only .number is used
     tags.open.extend(delivered)
     return tags
 
@@ -57,10 +52,10 @@ def read(payload: bytes) -> list[tuple[str, int, bool]]:
 
 def test_frame_bytes_are_pamqps() -> None:
     cases: list[tuple[bytes, Any]] = [
-        (_ack_frame(7, 1, False), spec.Basic.Ack(delivery_tag=1, multiple=False)),
-        (_ack_frame(7, 2**40, True), spec.Basic.Ack(delivery_tag=2**40, multiple=True)),
-        (_reject_frame(7, 5, True), spec.Basic.Reject(delivery_tag=5, requeue=True)),
-        (_reject_frame(7, 6, False), spec.Basic.Reject(delivery_tag=6, requeue=False)),
+        (ack_frame(7, 1, False), spec.Basic.Ack(delivery_tag=1, multiple=False)),
+        (ack_frame(7, 2**40, True), spec.Basic.Ack(delivery_tag=2**40, multiple=True)),
+        (reject_frame(7, 5, True), spec.Basic.Reject(delivery_tag=5, requeue=True)),
+        (reject_frame(7, 6, False), spec.Basic.Reject(delivery_tag=6, requeue=False)),
     ]
     for ours, frame in cases:
         assert ours == pamqp.frame.marshal(frame, 7)
@@ -133,10 +128,10 @@ class QueueChannel:
         return self.closing.done()
 
 
-def settler_on(channel: QueueChannel, *delivered: int) -> tuple[_Settler, _Tags]:
-    tags = _Tags(channel)  # type: ignore[arg-type]
+def settler_on(channel: QueueChannel, *delivered: int) -> tuple[Settler, Tags]:
+    tags = Tags(channel)  # type: ignore[arg-type]
     tags.open.extend(delivered)
-    return _Settler(fast=True), tags
+    return Settler(fast=True), tags
 
 
 async def test_settles_of_one_iteration_are_one_write() -> None:

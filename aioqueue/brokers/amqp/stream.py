@@ -37,6 +37,7 @@ the publishing channel's ``confirmations`` (our own channel; see ``publisher.py`
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from collections.abc import Callable
@@ -94,6 +95,7 @@ class FrameStream(asyncio.Protocol):
         self._consumers: dict[str, tuple[AbstractChannel, Callback]] = {}  # by consumer tag
         self._confirming: dict[int, AbstractChannel] = {}  # by channel number
         self._keepalive_at = 0.0
+        self._action: Callable[[], object] | None = None  # found by _take, run by _hand_over
         #: Deliveries handed over and confirms settled here (for tests and curiosity).
         self.handled = 0
 
@@ -144,42 +146,52 @@ class FrameStream(asyncio.Protocol):
             return
         buffer = self._pending
         buffer += data
-        passed: list[bytes] = []  # runs of frames for aiormq, in order
-        run_start = position = 0
-        handled = False
+        run_start = position = 0  # frames from run_start to position are aiormq's
+        fed = handled = False
         size = len(buffer)
         watching = self._consumers or self._confirming
         while size - position >= _SMALLEST_FRAME:
             kind, number, length = FRAME_HEADER.unpack_from(buffer, position)
             end = position + FRAME_HEADER_SIZE + length + 1
-            if end > size:
-                break
-            if kind not in _FRAME_TYPES or buffer[end - 1] != FRAME_END:
+            if kind not in _FRAME_TYPES or (end <= size and buffer[end - 1] != FRAME_END):
                 self._raw = True  # not a frame: aiormq reads it and raises what it raises
+                break
+            if end > size:
                 break
             if watching and kind == METHOD and length >= 4:
                 taken = self._take(buffer, position, end, number)
                 if taken == _INCOMPLETE:
                     break
                 if taken:
-                    if run_start < position:
-                        passed.append(bytes(buffer[run_start:position]))
+                    if run_start < position:  # what came before it goes first
+                        self.inner.data_received(bytes(buffer[run_start:position]))
+                        fed = True
                     position = run_start = taken
+                    self._hand_over()
                     handled = True
                     continue
             position = end
         if self._raw:
             position = size
         if run_start < position:
-            passed.append(bytes(buffer[run_start:position]))
+            self.inner.data_received(bytes(buffer[run_start:position]))
+            fed = True
         del buffer[:position]
-        if passed:
-            self.inner.data_received(passed[0] if len(passed) == 1 else b"".join(passed))
-        elif handled:
+        if handled and not fed:
             now = self._loop.time()
             if now >= self._keepalive_at:
                 self._keepalive_at = now + _KEEPALIVE
                 self.inner.data_received(HEARTBEAT_FRAME)
+
+    def _hand_over(self) -> None:
+        """Run what ``_take`` found: a delivery to its consumer, or confirms settled."""
+        action, self._action = self._action, None
+        if action is None:
+            return
+        try:
+            action()
+        except Exception:  # a bug: the message stays unacknowledged until the channel closes
+            logger.exception("could not hand over an AMQP delivery or confirm")
 
     def _flush_pending(self) -> None:
         if self._pending:
@@ -250,10 +262,8 @@ class FrameStream(asyncio.Protocol):
         body = b"".join([buffer[a:b] for a, b in spans]) if len(spans) != 1 else bytes(
             buffer[spans[0][0]:spans[0][1]])
         self.handled += 1
-        try:
-            callback(DeliveredMessage(delivery=deliver, header=header, body=body, channel=channel))
-        except Exception:  # a bug: the message stays unacknowledged until the channel closes
-            logger.exception("could not hand over an AMQP delivery")
+        message = DeliveredMessage(delivery=deliver, header=header, body=body, channel=channel)
+        self._action = functools.partial(callback, message)
         return position
 
     def _leave(self, buffer: bytearray, start: int, end: int, number: int) -> int:
@@ -276,15 +286,19 @@ class FrameStream(asyncio.Protocol):
         confirmations = channel.confirmations
         if tag not in confirmations:
             return 0  # aiormq says it is unexpected
-        multiple = (bits & 1) != 0
-        frame = spec.Basic.Ack(delivery_tag=tag, multiple=multiple)
-        for covered in [t for t in confirmations if t <= tag] if multiple else [tag]:
-            confirmation = confirmations.pop(covered)
-            # Not a future: aiormq's placeholder for a returned message, done with it.
-            if isinstance(confirmation, asyncio.Future) and not confirmation.done():
-                confirmation.set_result(frame)
         self.handled += 1
+        self._action = functools.partial(_settle, confirmations, tag, (bits & 1) != 0)
         return end
+
+
+def _settle(confirmations: dict[int, Any], tag: int, multiple: bool) -> None:
+    """The confirms a ``basic.ack`` covers, settled as aiormq's channel would."""
+    frame = spec.Basic.Ack(delivery_tag=tag, multiple=multiple)
+    for covered in [t for t in confirmations if t <= tag] if multiple else [tag]:
+        confirmation = confirmations.pop(covered, None)
+        # Not a future: aiormq's placeholder for a returned message, done with it.
+        if isinstance(confirmation, asyncio.Future) and not confirmation.done():
+            confirmation.set_result(frame)
 
 
 class FrameStreamFactory(TransportFactory):
