@@ -83,12 +83,12 @@ class AmqpBroker(Broker):
         self._delay_levels = 0  # delay levels 0 … n-1 declared (see publish_delayed)
         self._delay_bound: set[str] = set()  # queues bound to the final delay exchange
 
-    def _require_connection(self) -> AbstractRobustConnection:
+    def require_connection(self) -> AbstractRobustConnection:
         if self._connection is None:
             raise BrokerConnectionError(f"{mask_password(self.url)} is not connected")
         return self._connection
 
-    def _global_qos_safe(self, queues: Sequence[str]) -> bool:
+    def global_qos_safe(self, queues: Sequence[str]) -> bool:
         """Whether a consumer of ``queues`` may use channel-wide QoS (see AmqpConsumer)."""
         if not self._rabbitmq_3:
             return False
@@ -163,25 +163,25 @@ class AmqpBroker(Broker):
         owners: list[tuple[AbstractRobustChannel, AmqpConsumer | None]] = [
             (c.robust, None) for c in (self._publish, self._declare) if c is not None
         ]
-        owners += [(c._channel, c) for c in self._consumers
-                   if c._channel is not None and not c._stopped]
+        owners += [(channel, c) for c in self._consumers
+                   if (channel := c.channel_to_reopen()) is not None]
         for channel, consumer in owners:
             if not channel.is_closed:
                 continue
-            if self._connection_lost():
+            if self.connection_lost():
                 return
             try:
                 await channel.reopen()
             except Exception as exc:
-                if isinstance(exc, CONNECTION_ERRORS) or self._connection_lost():
+                if isinstance(exc, CONNECTION_ERRORS) or self.connection_lost():
                     logger.warning("could not reopen an AMQP channel after reconnecting "
                                    "(%s); trying again after the next reconnect", exc)
                     return
                 logger.error("could not reopen an AMQP channel after reconnecting: %s", exc)
                 if consumer is not None:
-                    consumer._fail(translate(exc, "consumer lost after reconnecting"))
+                    consumer.fail(translate(exc, "consumer lost after reconnecting"))
 
-    def _connection_lost(self) -> bool:
+    def connection_lost(self) -> bool:
         """Whether the connection is down right now (aio-pika reconnects it)."""
         connection = self._connection
         if connection is None:
@@ -201,7 +201,7 @@ class AmqpBroker(Broker):
         self._delay_levels = 0
         self._delay_bound.clear()
         for consumer in self._consumers:
-            consumer._terminate()
+            consumer.terminate()
         self._consumers.clear()
         if connection is None:
             return
@@ -240,7 +240,7 @@ class AmqpBroker(Broker):
         except AMQP_ERRORS as exc:
             raise translate(exc, f"cannot declare queue {queue.name!r}") from exc
         if queue.exchange_name:
-            durable = self._exchange_durable(queue.exchange_name)
+            durable = self.exchange_durable(queue.exchange_name)
             try:
                 exchange = await channel.declare_exchange(
                     queue.exchange_name, queue.exchange_type, durable=durable
@@ -259,7 +259,19 @@ class AmqpBroker(Broker):
             self._exchanges.add(queue.exchange_name)
         self._declared[queue.name] = (queue, arguments)
 
-    def _exchange_durable(self, name: str) -> bool:
+    def declared(self, name: str) -> tuple[Queue, dict[str, Any]] | None:
+        """How this broker declared queue ``name`` (the queue, its arguments), if it did: a
+        consumer declares it again after a reconnect."""
+        return self._declared.get(name)
+
+    def attach(self, consumer: AmqpConsumer) -> None:
+        """A started consumer: reopened after reconnects, stopped by ``close()``."""
+        self._consumers.add(consumer)
+
+    def detach(self, consumer: AmqpConsumer) -> None:
+        self._consumers.discard(consumer)
+
+    def exchange_durable(self, name: str) -> bool:
         """As ``declare_exchange()`` declared it; durable (Celery's default) otherwise."""
         return self._declared_exchanges.get(name, True)
 

@@ -127,13 +127,7 @@ class AmqpDelivery(Delivery):
         if consumer is None or self._tags is None:
             return
         self._consumer = None
-        try:
-            await consumer._settler.settle(self._tags, self._tag, requeue,
-                                           consumer._outstanding <= 1)
-        finally:
-            consumer._outstanding -= 1
-        if consumer._stopped and not consumer._outstanding:
-            await consumer._close_channel()
+        await consumer.settle(self._tags, self._tag, requeue)
 
 
 class AmqpConsumer(Consumer):
@@ -175,18 +169,18 @@ class AmqpConsumer(Consumer):
     async def start(self) -> None:
         if self._channel is not None or self._stopped:
             raise BrokerError("an AMQP consumer can be started only once")
-        connection = self._broker._require_connection()
+        connection = self._broker.require_connection()
         channel = connection.channel(publisher_confirms=False)
         try:
             await channel.initialize()
-            self._global_qos = self._broker._global_qos_safe(self._queues)
+            self._global_qos = self._broker.global_qos_safe(self._queues)
             await self._subscribe(await channel.get_underlay_channel())
         except Exception as exc:
             await close_quietly(channel)
             raise translate(exc, f"cannot consume from {', '.join(self._queues)}") from exc
         self._channel = channel
         channel.reopen_callbacks.add(self._on_reopen)
-        self._broker._consumers.add(self)
+        self._broker.attach(self)
 
     async def _subscribe(self, channel: AbstractChannel) -> None:
         # basic.qos on the aiormq channel, not RobustChannel.set_qos: that one waits for the
@@ -290,13 +284,13 @@ class AmqpConsumer(Consumer):
         try:
             channel = await self._channel.get_underlay_channel()
             for name in self._queues:
-                declared = self._broker._declared.get(name)
+                declared = self._broker.declared(name)
                 if declared is not None:
-                    durable = self._broker._exchange_durable(declared[0].exchange_name)
+                    durable = self._broker.exchange_durable(declared[0].exchange_name)
                     await declare_on(channel, *declared, exchange_durable=durable)
             await self._subscribe(channel)
         except Exception as exc:
-            lost = isinstance(exc, CONNECTION_ERRORS) or self._broker._connection_lost()
+            lost = isinstance(exc, CONNECTION_ERRORS) or self._broker.connection_lost()
             if lost and (channel is None or channel.is_closed):
                 # Lost again while subscribing: after the next reconnect the broker's
                 # _on_reconnect reopens this channel, which calls this again.
@@ -306,14 +300,14 @@ class AmqpConsumer(Consumer):
                 return
             logger.error("could not consume again from %s after reconnecting: %s",
                          ", ".join(self._queues), exc)
-            self._fail(translate(exc, "consumer lost after reconnecting"))
+            self.fail(translate(exc, "consumer lost after reconnecting"))
 
     def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
         # RabbitMQ cancelled a consumer by itself: its queue was deleted.
         queue = next((q for q, tag in self._tags.items() if tag == frame.consumer_tag), "?")
-        self._fail(BrokerError(f"RabbitMQ stopped delivering from queue {queue!r} (deleted?)"))
+        self.fail(BrokerError(f"RabbitMQ stopped delivering from queue {queue!r} (deleted?)"))
 
-    def _fail(self, error: BrokerError) -> None:
+    def fail(self, error: BrokerError) -> None:
         if self._error is None:
             self._error = error
         self._buffer.put_nowait(None)  # wake every receive()
@@ -394,6 +388,20 @@ class AmqpConsumer(Consumer):
         return AmqpDelivery(envelope, deliver.routing_key or "", deliver.redelivered,
                             self._tags_of(channel), deliver.delivery_tag or 0, self)
 
+    async def settle(self, tags: Tags, tag: int, requeue: bool | None) -> None:
+        """Ack (``requeue`` None) or reject a delivery this consumer handed out; the channel
+        of a stopped consumer closes after its last one."""
+        try:
+            await self._settler.settle(tags, tag, requeue, self._outstanding <= 1)
+        finally:
+            self._outstanding -= 1
+        if self._stopped and not self._outstanding:
+            await self._close_channel()
+
+    def channel_to_reopen(self) -> AbstractRobustChannel | None:
+        """The channel to reopen after a reconnect, if this consumer still consumes."""
+        return None if self._stopped else self._channel
+
     async def set_prefetch(self, count: int) -> None:
         """Change the prefetch limit (e.g. +1 while an ETA task is held); see the class doc.
 
@@ -419,7 +427,7 @@ class AmqpConsumer(Consumer):
         if self._stopped:
             return
         self._stopped = True
-        self._broker._consumers.discard(self)
+        self._broker.detach(self)
         if self._channel is not None:
             self._channel.reopen_callbacks.discard(self._on_reopen)
         underlay = self._underlay
@@ -445,7 +453,7 @@ class AmqpConsumer(Consumer):
         if self._outstanding == 0:
             await self._close_channel()
 
-    def _terminate(self) -> None:
+    def terminate(self) -> None:
         """The broker is closing the connection: wake receivers, no network calls."""
         self._stopped = True
         self._undirect()
