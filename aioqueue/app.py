@@ -344,36 +344,37 @@ class AioQueue:
         chain steps) when a worker sends the next step of one.
 
         Precedence: explicit options, then ``task_routes``, then the task's own options,
-        then the app's settings.
+        then the app's settings. The steps are numbered as in docs/design.md ("The app").
         """
         conf = self.conf
         args = args if args is not None else ()  # kept as given: argsrepr shows a tuple or list
         kwargs = kwargs if kwargs is not None else {}
-        found = self._route(name, args, kwargs, options)
+        found = self._route(name, args, kwargs, options)  # step 1
         queue_name: str = found.get("queue") or (task and task.queue) or conf.task_default_queue
         ignore_result = _first(options.get("ignore_result"), task and task.ignore_result)
-        given_id = options.get("task_id")
+        given_id = options.get("task_id")  # step 2: the caller's id, a spare one or a new one
         spare = None if ignore_result or given_id else self._spare_task_id()
         task_id = given_id or spare or new_task_id()
         held = self._store if spare is not None else None  # holds task_id's channel until sent
         try:
-            eta, expires, now = _due(options)
+            eta, expires, now = _due(options)  # step 3
             # Connected first: reply_to names the rpc store's queue. Encoded before anything is
             # declared or sent, so a value that cannot be serialized fails with nothing sent.
             broker = await self.get_broker()
-            envelope = self._encode(
+            envelope = self._encode(  # step 4
                 name, task_id, args, kwargs, options, task, found, ignore_result, eta, expires,
                 now, embed=embed, group=group, group_index=group_index, reply_to=reply_to,
             )
             if not self._client_ready or queue_name not in self._declared:
-                await self._get_ready_to_send(broker, queue_name)
-            exchange, key = self._publish_target(queue_name, options, found)
-            wait = self._broker_delay(exchange, eta)
+                await self._get_ready_to_send(broker, queue_name)  # step 5
+            exchange, key = self._publish_target(queue_name, options, found)  # step 6
+            wait = self._broker_delay(exchange, eta)  # step 7
             # The store may get ready for the result's wait while the message travels (Redis
             # subscribes to its channel); it lets go again if the publish fails.
             store = None if ignore_result else self._store
-            proof = _expect(store, task_id, given_id)
+            proof = _expect(store, task_id, given_id)  # step 8
             held = store
+            # Step 9: into the broker's delay queues if it can keep the task, else its queue.
             if wait is None or not await broker.publish_delayed(envelope, queue=key, delay=wait):
                 await broker.publish(envelope, routing_key=key, exchange=exchange, proof=proof)
         except BaseException:
