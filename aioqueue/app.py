@@ -100,7 +100,7 @@ class AioQueue:
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._declared: set[str] = set()
-        self._client_ready = False
+        self._client_ready = False  # the store's prepare_client() done, or none needed
         self._oid = str(uuid.uuid4())
 
     def __repr__(self) -> str:
