@@ -28,7 +28,7 @@ from .brokers.base import Broker
 from .config import Queue, Settings
 from .control import Control
 from .exceptions import ConfigurationError
-from .protocol import encode_task, new_task_id
+from .protocol import Envelope, encode_task, new_task_id
 from .registry import broker_class, result_store_class
 from .result import AsyncResult
 from .results.base import ResultStore
@@ -100,7 +100,7 @@ class AioQueue:
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._declared: set[str] = set()
-        self._client_ready = False
+        self._client_ready = False  # the store's prepare_client() done, or none needed
         self._oid = str(uuid.uuid4())
 
     def __repr__(self) -> str:
@@ -344,95 +344,37 @@ class AioQueue:
         chain steps) when a worker sends the next step of one.
 
         Precedence: explicit options, then ``task_routes``, then the task's own options,
-        then the app's settings.
+        then the app's settings. The steps are numbered as in docs/design.md ("The app").
         """
         conf = self.conf
         args = args if args is not None else ()  # kept as given: argsrepr shows a tuple or list
         kwargs = kwargs if kwargs is not None else {}
-        queue = options.get("queue")
-        found = {"queue": queue} if queue else routing.route(conf, name, args, kwargs)
+        found = self._route(name, args, kwargs, options)  # step 1
         queue_name: str = found.get("queue") or (task and task.queue) or conf.task_default_queue
-        priority = _first(
-            options.get("priority"), task and task.priority, found.get("priority"),
-            conf.task_default_priority,
-        )
         ignore_result = _first(options.get("ignore_result"), task and task.ignore_result)
-        given_id = options.get("task_id")
-        # A new id may come with its result's channel subscribed already (the store's spare
-        # ids): then nothing of the wait is left to do while the message travels.
-        ready = None if ignore_result or given_id else self._ready_result_store()
-        spare = ready.spare_task_id() if ready is not None else None
+        given_id = options.get("task_id")  # step 2: the caller's id, a spare one or a new one
+        spare = None if ignore_result or given_id else self._spare_task_id()
         task_id = given_id or spare or new_task_id()
-        held = ready if spare is not None else None  # holds task_id's channel: let go on failure
+        held = self._store if spare is not None else None  # holds task_id's channel until sent
         try:
-            eta = options.get("eta")
-            countdown = options.get("countdown")
-            expires = options.get("expires")
-            now = None
-            if countdown is not None or expires is not None:  # most calls never read the clock
-                now = datetime.now(UTC)
-                if countdown is not None:
-                    eta = now + timedelta(seconds=countdown)
-                if isinstance(expires, int | float):
-                    expires = now + timedelta(seconds=expires)
-            time_limit = _first(
-                options.get("time_limit"), task and task.time_limit, conf.task_time_limit
-            )
-            soft_time_limit = _first(
-                options.get("soft_time_limit"), task and task.soft_time_limit,
-                conf.task_soft_time_limit,
-            )
+            eta, expires, now = _due(options)  # step 3
             # Connected first: reply_to names the rpc store's queue. Encoded before anything is
             # declared or sent, so a value that cannot be serialized fails with nothing sent.
             broker = await self.get_broker()
-            envelope = encode_task(
-                task=name,
-                task_id=task_id,
-                args=args if isinstance(args, tuple | list) else list(args),
-                kwargs=kwargs,
-                serializer=_first(
-                    options.get("serializer"), task and task.serializer, conf.task_serializer
-                ),
-                eta=eta,
-                expires=expires,
-                now=now,
-                retries=options.get("retries", 0),
-                timelimit=(time_limit, soft_time_limit),
-                root_id=options.get("root_id"),
-                parent_id=options.get("parent_id"),
-                shadow=options.get("shadow"),
-                ignore_result=ignore_result,
-                reply_to=reply_to or self.reply_to,
-                priority=priority,
-                group=group,
-                group_index=group_index,
-                embed=embed,
-                headers=options.get("headers"),
-                compression=options.get("compression") or conf.task_compression,
+            envelope = self._encode(  # step 4
+                name, task_id, args, kwargs, options, task, found, ignore_result, eta, expires,
+                now, embed=embed, group=group, group_index=group_index, reply_to=reply_to,
             )
-            if not self._client_ready and self._store is not None:
-                await self._store.prepare_client()
-                self._client_ready = True
-            if queue_name not in self._declared:  # queue_spec(name).name is name
-                # The dead-letter queue first.
-                for declaration in routing.declarations(conf, queue_name):
-                    await broker.declare(declaration)
-                self._declared.add(queue_name)
-            exchange, key = self._publish_target(queue_name, options, found)
-            # A far ETA waits in the broker, not in a worker's memory (brokers/delay.py); only
-            # for the default exchange, where the key is the queue.
-            wait = (
-                delays.broker_delay(conf, eta, datetime.now(UTC))
-                if exchange == "" and eta is not None else None
-            )
+            if not self._client_ready or queue_name not in self._declared:
+                await self._get_ready_to_send(broker, queue_name)  # step 5
+            exchange, key = self._publish_target(queue_name, options, found)  # step 6
+            wait = self._broker_delay(exchange, eta)  # step 7
             # The store may get ready for the result's wait while the message travels (Redis
-            # subscribes to its channel); it lets go again if the publish fails. The result's
-            # arrival proves the broker had the message, as its confirm would (Broker.publish);
-            # only for an id made here, which no earlier record can carry.
+            # subscribes to its channel); it lets go again if the publish fails.
             store = None if ignore_result else self._store
-            arrival = store.expect(task_id) if store is not None else None
+            proof = _expect(store, task_id, given_id)  # step 8
             held = store
-            proof = arrival if given_id is None else None
+            # Step 9: into the broker's delay queues if it can keep the task, else its queue.
             if wait is None or not await broker.publish_delayed(envelope, queue=key, delay=wait):
                 await broker.publish(envelope, routing_key=key, exchange=exchange, proof=proof)
         except BaseException:
@@ -440,6 +382,89 @@ class AioQueue:
                 held.unexpect(task_id)
             raise
         return AsyncResult(task_id, self, task_name=name, ignored=bool(ignore_result))
+
+    def _route(
+        self, name: str, args: Sequence[Any], kwargs: dict[str, Any], options: SendOptions
+    ) -> dict[str, Any]:
+        """Where the message goes: an explicit ``queue=``, else what ``task_routes`` says (the
+        caller falls back on the task's queue, then ``task_default_queue``)."""
+        queue = options.get("queue")
+        return {"queue": queue} if queue else routing.route(self.conf, name, args, kwargs)
+
+    def _spare_task_id(self) -> str | None:
+        """A new id whose result channel the store subscribed ahead (its spare ids), so that
+        nothing of the result's wait is left to do while the message travels; else None."""
+        ready = self._ready_result_store()
+        return ready.spare_task_id() if ready is not None else None
+
+    def _encode(
+        self,
+        name: str,
+        task_id: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        options: SendOptions,
+        task: Task[Any, Any] | None,
+        found: dict[str, Any],
+        ignore_result: bool | None,
+        eta: datetime | None,
+        expires: datetime | None,
+        now: datetime | None,
+        *,
+        embed: dict[str, Any] | None,
+        group: str | None,
+        group_index: int | None,
+        reply_to: str | None,
+    ) -> Envelope:
+        """The message, with the defaults filled in: each of priority, time limits, serializer
+        and compression from the options, else the task (or its route), else the settings."""
+        conf = self.conf
+        return encode_task(
+            task=name,
+            task_id=task_id,
+            args=args if isinstance(args, tuple | list) else list(args),
+            kwargs=kwargs,
+            serializer=_first(
+                options.get("serializer"), task and task.serializer, conf.task_serializer
+            ),
+            eta=eta,
+            expires=expires,
+            now=now,
+            retries=options.get("retries", 0),
+            timelimit=(
+                _first(options.get("time_limit"), task and task.time_limit, conf.task_time_limit),
+                _first(
+                    options.get("soft_time_limit"), task and task.soft_time_limit,
+                    conf.task_soft_time_limit,
+                ),
+            ),
+            root_id=options.get("root_id"),
+            parent_id=options.get("parent_id"),
+            shadow=options.get("shadow"),
+            ignore_result=ignore_result,
+            reply_to=reply_to or self.reply_to,
+            priority=_first(
+                options.get("priority"), task and task.priority, found.get("priority"),
+                conf.task_default_priority,
+            ),
+            group=group,
+            group_index=group_index,
+            embed=embed,
+            headers=options.get("headers"),
+            compression=options.get("compression") or conf.task_compression,
+        )
+
+    async def _get_ready_to_send(self, broker: Broker, queue_name: str) -> None:
+        """Once per connection: the store's client side (``rpc://`` declares its reply queue)
+        and the queue, its dead-letter queue first (``queue_spec(name).name`` is ``name``)."""
+        if not self._client_ready:
+            if self._store is not None:
+                await self._store.prepare_client()
+            self._client_ready = True
+        if queue_name not in self._declared:
+            for declaration in routing.declarations(self.conf, queue_name):
+                await broker.declare(declaration)
+            self._declared.add(queue_name)
 
     def _publish_target(
         self, queue_name: str, options: SendOptions, found: dict[str, Any]
@@ -451,6 +476,13 @@ class AioQueue:
             _first(options.get("exchange"), found.get("exchange")),
             _first(options.get("routing_key"), found.get("routing_key")),
         )
+
+    def _broker_delay(self, exchange: str, eta: datetime | None) -> float | None:
+        """Seconds for the broker to keep a far ETA (brokers/delay.py), so that it does not wait
+        in a worker's memory; only through the default exchange, where the key is the queue."""
+        if exchange == "" and eta is not None:
+            return delays.broker_delay(self.conf, eta, datetime.now(UTC))
+        return None
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:
         """A result handle for a task id (for example one sent by another process)."""
@@ -472,3 +504,29 @@ def _first(*values: Any) -> Any:
         if value is not None:
             return value
     return None
+
+
+def _due(options: SendOptions) -> tuple[datetime | None, datetime | None, datetime | None]:
+    """(eta, expires, now): a countdown and a relative ``expires`` made absolute against one
+    reading of the clock, ``now``; most calls have neither and never read it."""
+    eta = options.get("eta")
+    countdown = options.get("countdown")
+    expires = options.get("expires")
+    now = None
+    if countdown is not None or expires is not None:
+        now = datetime.now(UTC)
+        if countdown is not None:
+            eta = now + timedelta(seconds=countdown)
+        if isinstance(expires, int | float):
+            expires = now + timedelta(seconds=expires)
+    return eta, expires, now
+
+
+def _expect(
+    store: ResultStore | None, task_id: str, given_id: str | None
+) -> asyncio.Future[None] | None:
+    """Tell the store a result is coming (``ResultStore.expect``). Its arrival, when the store
+    offers one, proves the broker had the message as its confirm would (``Broker.publish``);
+    only for an id made here, which no earlier record can carry."""
+    arrival = store.expect(task_id) if store is not None else None
+    return arrival if given_id is None else None
