@@ -24,14 +24,13 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from ...protocol import Envelope
+from .constants import BODY, FRAME_END, FRAME_HEADER, HEADER, METHOD, METHOD_ID, PUBLISH
 from .field_tables import HeaderProperties, encode_field_table
 
 __all__ = ("encode_publish", "random_message_id")
 
-_FRAME = struct.Struct(">BHI")  # frame type, channel, payload size
-_END = b"\xce"
-_METHOD, _HEADER, _BODY = 1, 2, 3
-_PUBLISH = struct.pack(">IH", 0x003C_0028, 0)  # Basic.Publish, ticket 0
+_END = bytes((FRAME_END,))
+_PUBLISH = METHOD_ID.pack(*PUBLISH) + b"\x00\x00"  # Basic.Publish, ticket 0
 _HEADER_START = struct.Struct(">HxxQ")  # class Basic (60), weight 0, body size
 _FLAGS = struct.Struct(">H")
 # pamqp's "exchange-name" domain, checked by Basic.Publish.
@@ -68,13 +67,13 @@ def encode_publish(
         header = _content_header(envelope, message_id, len(body))
     except Exception:  # pamqp's path gives the bytes, or the error aiormq would raise
         return _with_pamqp(channel, exchange, routing_key, envelope, message_id, max_body)
-    parts = [method, _FRAME.pack(_HEADER, channel, len(header)), header, _END]
+    parts = [method, FRAME_HEADER.pack(HEADER, channel, len(header)), header, _END]
     if body:
         chunks = [body] if len(body) < max_body else [
             body[start:start + max_body] for start in range(0, len(body), max_body)
         ]
         for chunk in chunks:
-            parts += (_FRAME.pack(_BODY, channel, len(chunk)), chunk, _END)
+            parts += (FRAME_HEADER.pack(BODY, channel, len(chunk)), chunk, _END)
     return b"".join(parts)
 
 
@@ -87,7 +86,7 @@ def _method_frame(channel: int, exchange: str, routing_key: str) -> bytes:
             or len(routing_key) > 255 or not _EXCHANGE_NAME.fullmatch(exchange)):
         raise _Unusual
     payload = _PUBLISH + _short(exchange) + _short(routing_key) + b"\x00"  # no mandatory/immediate
-    frame = _FRAME.pack(_METHOD, channel, len(payload)) + payload + _END
+    frame = FRAME_HEADER.pack(METHOD, channel, len(payload)) + payload + _END
     if len(_METHOD_FRAMES) >= _METHOD_FRAMES_MAX:
         _METHOD_FRAMES.clear()
     _METHOD_FRAMES[key] = frame
