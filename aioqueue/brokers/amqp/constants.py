@@ -21,6 +21,7 @@ __all__ = (
     "PUBLISH",
     "REJECT",
     "RETURN",
+    "Unusual",
 )
 
 # Frame types.
@@ -42,3 +43,8 @@ ACK = (60, 80)
 REJECT = (60, 90)
 NACK = (60, 120)
 CHANNEL_CLOSE = (20, 40)
+
+
+class Unusual(Exception):
+    """Input our own readers and writers leave to pamqp or aiormq, which decide what it is
+    (its value, or their error); never leaves the package."""

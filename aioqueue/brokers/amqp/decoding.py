@@ -31,6 +31,7 @@ from typing import Any
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
+from .constants import Unusual
 from .field_tables import decode_field_table
 
 __all__ = ("LAYOUT_MATCHES", "read_content_header", "read_deliver")
@@ -72,10 +73,6 @@ _DELIVER_FIELDS = [
 LAYOUT_MATCHES = _PROPERTIES is not None and [
     (name, spec.Basic.Deliver.amqp_type(name)) for name in spec.Basic.Deliver.__slots__
 ] == _DELIVER_FIELDS
-
-
-class _Unusual(Exception):
-    """A frame the fast readers leave to aiormq and pamqp."""
 
 
 def read_deliver(data: bytes) -> spec.Basic.Deliver | None:
@@ -149,7 +146,7 @@ def _read_properties(data: bytes, flags: int) -> list[tuple[str, Any]]:
             values.append((name, datetime.fromtimestamp(stamp, tz=UTC)))
         offset = end
     if offset > len(data):
-        raise _Unusual
+        raise Unusual
     return values
 
 
@@ -157,7 +154,7 @@ def _plan(flags: int) -> tuple[tuple[str, int], ...]:
     """The properties a flags word selects; unusual words (bit 0: another flags word
     follows; bit 1: no property) raise."""
     if flags & 0b11 or _PROPERTIES is None:
-        raise _Unusual
+        raise Unusual
     plan = tuple((name, kind) for flag, name, kind in _PROPERTIES if flags & flag)
     if len(_PLANS) >= _PLANS_MAX:
         _PLANS.clear()

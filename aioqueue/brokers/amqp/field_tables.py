@@ -38,6 +38,8 @@ import pamqp.decode
 import pamqp.encode
 from pamqp import commands as spec
 
+from .constants import Unusual
+
 __all__ = (
     "HeaderProperties",
     "decode_field_table",
@@ -64,24 +66,19 @@ _FIXED = {
 _MAX_DEPTH = 32
 
 
-class _Unusual(Exception):
-    """A value the fast encoder or decoder leaves to pamqp (which gives the result or the
-    error)."""
-
-
 def encode_field_table(table: dict[str, Any] | None) -> bytes:
     """An AMQP field table: ints as I/l, floats as d, the rest as pamqp writes it."""
     if not table:
         return _EMPTY_TABLE
     try:
         return _table(table)
-    except _Unusual:
+    except Unusual:
         return _general_table(table)
 
 
 def _table(table: dict[str, Any]) -> bytes:
     if type(table) is not dict:
-        raise _Unusual
+        raise Unusual
     if not table:
         return _EMPTY_TABLE
     names = tuple(table)
@@ -108,15 +105,15 @@ def _layout(names: tuple[str, ...]) -> list[tuple[str, bytes]]:
     """The keys in pamqp's (sorted) order, each with its encoded short string; cached, as
     messages of one client carry the same header names in the same order."""
     if any(type(name) is not str for name in names):
-        raise _Unusual
+        raise Unusual
     layout = []
     for name in sorted(names):
         try:
             encoded = name.encode()
         except UnicodeEncodeError:
-            raise _Unusual from None
+            raise Unusual from None
         if len(encoded) > 128:  # pamqp truncates (and warns)
-            raise _Unusual
+            raise Unusual
         layout.append((name, bytes((len(encoded),)) + encoded))
     if len(_LAYOUTS) >= _LAYOUTS_MAX:
         _LAYOUTS.clear()
@@ -130,9 +127,9 @@ def _value(value: Any) -> bytes:
         try:
             data: bytes = value.encode()
         except UnicodeEncodeError:
-            raise _Unusual from None
+            raise Unusual from None
         if len(data) > 0xFFFF_FFFF:
-            raise _Unusual
+            raise Unusual
         return b"S" + _UINT32.pack(len(data)) + data
     if value is None:
         return b"V"
@@ -143,7 +140,7 @@ def _value(value: Any) -> bytes:
             return b"I" + _INT32.pack(value)
         if -0x8000_0000_0000_0000 <= value <= 0x7FFF_FFFF_FFFF_FFFF:
             return b"l" + _INT64.pack(value)
-        raise _Unusual
+        raise Unusual
     if kind is float:
         return b"d" + _FLOAT64.pack(value)
     if kind is dict:
@@ -151,7 +148,7 @@ def _value(value: Any) -> bytes:
     if kind is list:
         data = b"".join([_value(item) for item in value])
         return b"A" + _UINT32.pack(len(data)) + data
-    raise _Unusual
+    raise Unusual
 
 
 def _general_table(table: Any) -> bytes:
@@ -238,7 +235,7 @@ def decode_field_table(value: bytes) -> tuple[int, dict[str, Any]]:
 def _read_table(data: bytes, offset: int, depth: int) -> tuple[int, dict[str, Any]]:
     """The table at offset: (its end, the table)."""
     if depth > _MAX_DEPTH:
-        raise _Unusual
+        raise Unusual
     end = offset + 4 + _UINT32.unpack_from(data, offset)[0]
     offset += 4
     table: dict[str, Any] = {}
@@ -267,7 +264,7 @@ def _read_table(data: bytes, offset: int, depth: int) -> tuple[int, dict[str, An
         else:
             offset, table[key] = _read_value(data, offset, depth)
     if offset != end:
-        raise _Unusual
+        raise Unusual
     return end, table
 
 
@@ -299,6 +296,6 @@ def _read_value(data: bytes, offset: int, depth: int) -> tuple[int, Any]:
             offset, item = _read_value(data, offset, depth + 1)
             items.append(item)
         if offset != end:
-            raise _Unusual
+            raise Unusual
         return end, items
-    raise _Unusual
+    raise Unusual

@@ -24,7 +24,16 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from ...protocol import Envelope
-from .constants import BODY, FRAME_END, FRAME_HEADER, HEADER, METHOD, METHOD_ID, PUBLISH
+from .constants import (
+    BODY,
+    FRAME_END,
+    FRAME_HEADER,
+    HEADER,
+    METHOD,
+    METHOD_ID,
+    PUBLISH,
+    Unusual,
+)
 from .field_tables import HeaderProperties, encode_field_table
 
 __all__ = ("encode_publish", "random_message_id")
@@ -41,10 +50,6 @@ _UUID4_SET = (0x4 << 76) | (0x2 << 62)
 # Method frames per (channel, exchange, routing key): a client publishes to few queues.
 _METHOD_FRAMES: dict[tuple[int, str, str], bytes] = {}
 _METHOD_FRAMES_MAX = 512
-
-
-class _Unusual(Exception):
-    """Something only pamqp's path decides (bytes or error)."""
 
 
 def random_message_id() -> str:
@@ -84,7 +89,7 @@ def _method_frame(channel: int, exchange: str, routing_key: str) -> bytes:
         return frame
     if (type(exchange) is not str or type(routing_key) is not str or len(exchange) > 127
             or len(routing_key) > 255 or not _EXCHANGE_NAME.fullmatch(exchange)):
-        raise _Unusual
+        raise Unusual
     payload = _PUBLISH + _short(exchange) + _short(routing_key) + b"\x00"  # no mandatory/immediate
     frame = FRAME_HEADER.pack(METHOD, channel, len(payload)) + payload + _END
     if len(_METHOD_FRAMES) >= _METHOD_FRAMES_MAX:
@@ -109,13 +114,13 @@ def _content_header(envelope: Envelope, message_id: str, body_size: int) -> byte
     mode = envelope.delivery_mode
     if mode is not None:
         if mode != 1 and mode != 2:  # pamqp refuses other modes
-            raise _Unusual
+            raise Unusual
         flags |= 0x1000
         parts.append(b"\x02" if mode == 2 else b"\x01")
     priority = envelope.priority
     if priority is not None:
         if type(priority) is not int or not 0 <= priority <= 255:
-            raise _Unusual
+            raise Unusual
         flags |= 0x0800
         parts.append(bytes((priority,)))
     for flag, value in (
@@ -135,13 +140,13 @@ def _content_header(envelope: Envelope, message_id: str, body_size: int) -> byte
 
 def _short(value: object) -> bytes:
     if type(value) is not str:
-        raise _Unusual
+        raise Unusual
     try:
         data = value.encode()
     except UnicodeEncodeError:
-        raise _Unusual from None
+        raise Unusual from None
     if len(data) > 255:
-        raise _Unusual
+        raise Unusual
     return bytes((len(data),)) + data
 
 
