@@ -12,8 +12,8 @@ multiple ack therefore never covers a delivery that is not settled, nor one bein
 and every tag delivered to the consumer is registered before anything else happens to it, so
 "the lowest unsettled tag" is known exactly (see ``Tags``).
 
-The frames go on the connection's write queue (``write_queue`` of our own aiormq channels:
-docs/design.md, "What we rely on in our dependencies"). With the fast paths off, each settle
+The frames go on the connection's write queue (of our own aiormq channels, through
+:mod:`aioqueue.brokers.amqp.internals`). With the fast paths off, each settle
 is aiormq's own ``basic_ack``/``basic_reject``.
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 
 from aiormq.abc import AbstractChannel, ChannelFrame
 
+from . import internals
 from .constants import ACK, FRAME_END, METHOD, REJECT
 
 __all__ = ("Settler", "Tags", "ack_frame", "reject_frame")
@@ -122,7 +123,7 @@ class Settler:
         written: asyncio.Future[None] = loop.create_future()
         if alone and self._flusher is None and not self._pending:
             channel: Any = tags.channel
-            queue: asyncio.Queue[ChannelFrame] = channel.write_queue
+            queue = internals.write_queue(channel)
             if not channel.is_closed and not queue.full():
                 acks, rejects = ([], [(tag, requeue)]) if requeue is not None else ([tag], [])
                 queue.put_nowait(ChannelFrame(payload=tags.frames(acks, rejects),
@@ -178,7 +179,7 @@ class Settler:
                 _lost_batch(tags, acks, rejects, "channel closed")
                 continue
             frame = ChannelFrame(payload=tags.frames(acks, rejects), should_close=False)
-            queue: asyncio.Queue[ChannelFrame] = channel.write_queue
+            queue = internals.write_queue(channel)
             try:
                 queue.put_nowait(frame)
                 continue

@@ -24,11 +24,10 @@ it; once written (or queued at once), it is sent and its confirm ignored, as wit
 When the channel closes, every message not yet confirmed fails with the reason, as aiormq's
 own futures do.
 
-This relies on attributes of aiormq's ``Channel`` that are public but not documented
-(``confirmations``, ``delivery_tag``, ``write_queue``, ``lock``, ``max_content_size``), on
-our own channels only, for the aiormq versions pyproject allows (docs/design.md, "What we
-rely on in our dependencies"). ``supports()`` checks them; without them the broker warns
-once and publishes with aiormq's ``basic_publish``, as it does with the fast paths off.
+This relies on attributes of aiormq's ``Channel`` that aiormq does not document, read in
+:mod:`aioqueue.brokers.amqp.internals` on our own channels only. ``supports()`` checks them;
+without them the broker warns once and publishes with aiormq's ``basic_publish``, as it does
+with the fast paths off.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from aiormq.abc import AbstractChannel, ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
 
 from ...protocol import Envelope
+from . import internals
 from .frames import encode_publish
 from .stream import FrameStream
 
@@ -55,8 +55,6 @@ _CHUNK = 256 * 1024
 # reader walks every unconfirmed message for each multiple-ack RabbitMQ sends, so with no
 # bound a burst of n publishes costs n² steps; this also bounds what waits in memory.
 _MAX_UNCONFIRMED = 2048
-_ATTRIBUTES = ("confirmations", "delivery_tag", "write_queue", "lock", "max_content_size",
-               "number", "create_future", "closing")
 
 _Confirmation = asyncio.Future[Any]
 
@@ -80,9 +78,7 @@ class ChannelPublisher:
     @staticmethod
     def supports(channel: AbstractChannel) -> bool:
         """Whether ``channel`` has the aiormq internals this publisher needs."""
-        return bool(getattr(channel, "publisher_confirms", False)) and all(
-            hasattr(channel, name) for name in _ATTRIBUTES
-        )
+        return internals.supports(channel)
 
     def send(self, envelope: Envelope, *, exchange: str, routing_key: str) -> _Confirmation:
         """Queue one message; the future gets the broker's ``basic.ack`` frame.
@@ -95,18 +91,20 @@ class ChannelPublisher:
         """
         if self._closed is not None:
             raise self._closed
-        channel: Any = self.channel
+        channel = self.channel
         payload = encode_publish(
-            channel.number, exchange, routing_key, envelope, channel.max_content_size
+            channel.number, exchange, routing_key, envelope, internals.max_body_size(channel)
         )
         confirmation: _Confirmation = self._loop.create_future()
-        if (self._flusher is None and channel.write_queue.empty() and not channel.is_closed
-                and len(channel.confirmations) < _MAX_UNCONFIRMED):
+        queue = internals.write_queue(channel)
+        futures = internals.confirmations(channel)
+        if (self._flusher is None and queue.empty() and not channel.is_closed
+                and len(futures) < _MAX_UNCONFIRMED):
             # Nothing else is being written: no batch to wait for, so the message goes to
             # the connection's writer now (a lone publish saves a loop iteration). No await
             # from numbering to queueing, and no flusher holds numbers, so the order holds.
-            _number(channel, channel.confirmations, [(payload, confirmation)])
-            channel.write_queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
+            _number(channel, futures, [(payload, confirmation)])
+            queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
             return confirmation
         self._batch.append((payload, confirmation))
         if self._flusher is None:
@@ -137,8 +135,9 @@ class ChannelPublisher:
     async def _write(self, batch: list[tuple[bytes, _Confirmation]]) -> None:
         channel: Any = self.channel
         drained: asyncio.Future[Any] | None = None
-        async with channel.lock:  # raises ChannelInvalidStateError once the channel closed
-            confirmations = channel.confirmations
+        # The lock raises ChannelInvalidStateError once the channel closed.
+        async with internals.channel_lock(channel):
+            confirmations = internals.confirmations(channel)
             live = [item for item in batch if not item[1].done()]  # cancelled: never sent
             group: list[tuple[bytes, _Confirmation]] = []
             size = 0
@@ -166,8 +165,7 @@ class ChannelPublisher:
             flusher.cancel()
         _fail(self._batch, self._closed)
         self._batch = []
-        confirmations: Any = getattr(self.channel, "confirmations", {})
-        for future in list(confirmations.values()):
+        for future in list(internals.confirmations(self.channel).values()):
             if isinstance(future, asyncio.Future) and not future.done():
                 future.set_exception(self._closed)
 
@@ -176,10 +174,9 @@ def _number(
     channel: Any, confirmations: dict[int, Any], group: list[tuple[bytes, _Confirmation]]
 ) -> int:
     """Give ``group`` the next delivery tags (RabbitMQ counts them); returns the first."""
-    first_tag = int(channel.delivery_tag) + 1
+    first_tag = internals.take_delivery_tags(channel, len(group))
     for tag, (_, future) in enumerate(group, first_tag):
         confirmations[tag] = future  # before the bytes leave: acks may follow fast
-    channel.delivery_tag += len(group)
     return first_tag
 
 
@@ -192,10 +189,10 @@ async def _put(
     frame = ChannelFrame(payload=b"".join([payload for payload, _ in group]),
                          should_close=False, drain_future=drained)
     try:
-        await channel.write_queue.put(frame)
+        await internals.write_queue(channel).put(frame)
     except BaseException:
         # Not sent: give the tags back, so the next ones match the broker's count.
-        channel.delivery_tag = first_tag - 1
+        internals.give_back_delivery_tags(channel, first_tag)
         for tag in range(first_tag, first_tag + len(group)):
             confirmations.pop(tag, None)
         raise

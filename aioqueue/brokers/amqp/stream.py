@@ -30,8 +30,8 @@ aiormq counts a connection that sent no frame for three heartbeat intervals as d
 deliveries and confirms flow past it, it is handed a heartbeat frame at least once a second.
 
 Nothing here touches aiormq's or asyncio's internals: the factory and ``PARAMETERS`` are
-their extension points, the protocol is ours. The confirms settled here are the futures in
-the publishing channel's ``confirmations`` (our own channel; see ``publisher.py``).
+their extension points, the protocol is ours. The confirms settled here are the futures of
+our own publishing channel (:mod:`aioqueue.brokers.amqp.internals`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from aiormq.exceptions import AMQPConnectionError
 from pamqp import commands as spec
 from yarl import URL
 
+from . import internals
 from .constants import (
     ACK,
     BODY,
@@ -283,7 +284,7 @@ class FrameStream(asyncio.Protocol):
             return 0
         tag: int
         tag, bits = _TAG_BITS.unpack_from(buffer, start + FRAME_HEADER_SIZE + 4)
-        confirmations = channel.confirmations
+        confirmations = internals.confirmations(channel)
         if tag not in confirmations:
             return 0  # aiormq says it is unexpected
         self.handled += 1
