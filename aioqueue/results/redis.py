@@ -172,7 +172,12 @@ class RedisResultStore(ResultStore):
                     f"invalid redis result backend URL {mask_password(self.url)!r}: {exc}"
                 ) from exc
             if self.fast_paths:
-                self._wire = wire_params(pool.connection_class, pool.connection_kwargs)
+                try:
+                    self._wire = wire_params(pool.connection_class, pool.connection_kwargs)
+                except (OSError, ValueError, KeyError) as exc:  # TLS files and options
+                    raise ConfigurationError(
+                        f"invalid TLS options in {mask_password(self.url)!r}: {exc!r}"
+                    ) from exc
                 if self._wire is None:
                     logger.info("redis result store: the connection options of %s need "
                                 "redis-py's own connections; fast paths off",

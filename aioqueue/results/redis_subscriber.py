@@ -144,10 +144,14 @@ class PubSubSubscriber:
                 continue
             ping_sent = False
             kind = message["type"]
-            if kind == "message":
-                listener.on_message(message["channel"], message["data"])
-            elif kind == "subscribe":
-                listener.on_subscribed(message["channel"])
+            if kind in ("message", "subscribe"):
+                channel = message["channel"]
+                if isinstance(channel, str):  # the URL asked redis-py to decode responses
+                    channel = channel.encode()
+                if kind == "message":
+                    listener.on_message(channel, message["data"])
+                else:
+                    listener.on_subscribed(channel)
 
     async def _write(self, listener: Listener) -> None:
         pubsub = self._pubsub
