@@ -14,7 +14,8 @@ makes ``wire_params`` return None, and the store then uses redis-py's own API in
 
 The handshake is pipelined in one write: on RESP3 ``HELLO 3`` with ``AUTH`` and ``SETNAME``,
 on RESP2 ``AUTH`` and ``CLIENT SETNAME``; then ``SELECT`` unless the database is 0. Any
-error reply fails ``open_wire`` with ``WireError``.
+error reply fails ``open_wire`` with ``WireError``. With no protocol asked for, RESP3 is
+spoken, or RESP2 on a new connection when the server does not know ``HELLO`` (before 6.0).
 
 Replies are routed in order: ``expect(count, on_reply)`` claims the next ``count`` replies
 that are not RESP3 pushes (a command's replies come in the order the commands were
@@ -31,7 +32,7 @@ import collections
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
@@ -85,7 +86,7 @@ class WireParams:
     db: int = 0
     username: str | None = None
     password: str | None = None
-    protocol: int = 3
+    protocol: int | None = None  # None: RESP3 if the server speaks it (HELLO), else RESP2
     tls: ssl.SSLContext | None = None
     keepalive: bool = False
     keepalive_options: tuple[tuple[int, int], ...] = ()
@@ -105,8 +106,8 @@ def wire_params(connection_class: type[Any], kwargs: Mapping[str, Any]) -> WireP
     for name, value in kwargs.items():
         if name not in spoken and name not in _NOT_ON_THE_WIRE and value is not None:
             return None  # e.g. a credential provider or a connect callback of the user's
-    protocol = int(kwargs.get("protocol") or 3)
-    if protocol not in (2, 3):
+    protocol = None if kwargs.get("protocol") is None else int(kwargs["protocol"])
+    if protocol not in (None, 2, 3):
         return None
     options = kwargs.get("socket_keepalive_options") or {}
     return WireParams(
@@ -365,11 +366,14 @@ async def open_wire(
             replies = await wire.call(commands)
             for args, reply in zip(commands, replies, strict=True):
                 if isinstance(reply, ReplyError):
+                    if params.protocol is None and str(reply).startswith("ERR unknown command"):
+                        await wire.aclose()  # a server before HELLO: RESP2 it is
+                        return await open_wire(replace(params, protocol=2), name, on_push)
                     raise WireError(f"Redis refused {args[0].decode()}: {reply}")
     except BaseException:
         await wire.aclose()
         raise
-    wire.protocol = params.protocol
+    wire.protocol = params.protocol or 3
     wire.on_push = on_push
     return wire
 
@@ -378,7 +382,7 @@ def _handshake(params: WireParams, name: str | None) -> list[list[bytes]]:
     secret = params.password or ""
     auth = bool(params.password or params.username)
     commands: list[list[bytes]] = []
-    if params.protocol == 3:
+    if params.protocol != 2:
         hello = [b"HELLO", b"3"]
         if auth:
             hello += [b"AUTH", (params.username or "default").encode(), secret.encode()]

@@ -31,7 +31,7 @@ from aioqueue.results.redis_wire import (
     open_wire,
     wire_params,
 )
-from aioqueue.results.resp import ReplyError, command
+from aioqueue.results.resp import ReplyError, command, parse
 
 from ..conftest import FAST_PATHS
 from .test_redis_result_store import new_id, until_subscribed
@@ -101,6 +101,39 @@ async def test_a_refused_handshake_is_a_wire_error(
         await open_wire(params(redis_url, db=100000), "x")
     with anyio.fail_after(5), pytest.raises(WireError, match="cannot connect"):
         await open_wire(params(redis_url, port=1), "x")
+
+
+async def test_a_server_without_hello_is_spoken_to_in_resp2() -> None:
+    """Redis before 6.0 (played by a loopback fake): no protocol asked for, HELLO refused,
+    so a new connection speaks RESP2."""
+    seen: list[list[bytes]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        rest = b""
+        while data := await reader.read(65536):
+            commands, rest, _ = parse(rest + data)
+            for args in commands:
+                seen.append(args)
+                if args[0] == b"HELLO":
+                    writer.write(b"-ERR unknown command 'HELLO', with args beginning with: \r\n")
+                else:
+                    writer.write(b"+PONG\r\n" if args[0] == b"PING" else b"+OK\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        wire = await open_named(WireParams(host="127.0.0.1", port=port, password="pw", db=3),
+                                "old")
+        assert wire.protocol == 2
+        assert await wire.call([[b"PING"]]) == [b"PONG"]
+        await wire.aclose()
+        assert seen == [[b"HELLO", b"3", b"AUTH", b"default", b"pw", b"SETNAME", b"old"],
+                        [b"SELECT", b"3"], [b"AUTH", b"pw"], [b"CLIENT", b"SETNAME", b"old"],
+                        [b"SELECT", b"3"], [b"PING"]]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_the_store_speaks_to_redis_as_an_acl_user(

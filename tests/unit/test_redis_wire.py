@@ -163,7 +163,7 @@ def test_parameters_come_from_the_pool() -> None:
     assert (plain.host, plain.port, plain.db, plain.username, plain.password) == (
         "127.0.0.1", 6380, 5, "u", "p@ss")
     assert (plain.protocol, plain.tls, plain.path) == (2, None, None)
-    assert params_of("redis://localhost").protocol == 3  # redis-py's default
+    assert params_of("redis://localhost").protocol is None  # RESP3 if the server has HELLO
     unix = params_of("unix:///tmp/redis.sock?db=3")
     assert (unix.path, unix.db) == ("/tmp/redis.sock", 3)
     tls = params_of("rediss://127.0.0.1:6379/0?ssl_cert_reqs=none")
