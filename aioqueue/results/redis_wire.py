@@ -166,6 +166,14 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _set_error(future: asyncio.Future[None], error: BaseException) -> None:
+    """Fail a claim's future, marked as seen: its owner may not wait on it (the end of the
+    connection is reported by ``closed``), and an unseen error would be logged."""
+    if not future.done():
+        future.set_exception(error)
+        future.exception()
+
+
 class RedisWire(asyncio.Protocol):
     """One Redis connection of our own (module docstring). Made by ``open_wire``."""
 
@@ -203,15 +211,20 @@ class RedisWire(asyncio.Protocol):
             raise self._ended()
         transport.writelines(data)
 
-    def expect(self, count: int, on_reply: OnReply | None = None) -> asyncio.Future[None]:
+    def expect(
+        self, count: int, on_reply: OnReply | None = None,
+        done: asyncio.Future[None] | None = None,
+    ) -> asyncio.Future[None]:
         """Claim the next ``count`` replies (pushes aside): each goes to ``on_reply`` as it
-        arrives. The future completes after the last one, or fails with the connection."""
-        done: asyncio.Future[None] = self._loop.create_future()
-        done.add_done_callback(_retrieved)
+        arrives. The future (``done``, if given; ``on_reply`` may complete it first)
+        completes after the last one, or fails with the connection."""
+        if done is None:
+            done = self._loop.create_future()
         if self.closed.done():
-            done.set_exception(self._ended())
+            _set_error(done, self._ended())
         elif count <= 0:
-            done.set_result(None)
+            if not done.done():
+                done.set_result(None)
         else:
             self._claims.append(_Claim(count, on_reply, done))
         return done
@@ -334,8 +347,7 @@ class RedisWire(asyncio.Protocol):
         self.closed.set_exception(error)
         claims, self._claims = self._claims, collections.deque()
         for claim in claims:
-            if not claim.done.done():
-                claim.done.set_exception(error)
+            _set_error(claim.done, error)
         self.resume_writing()
         if self._transport is not None:
             self._transport.close()

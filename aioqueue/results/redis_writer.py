@@ -64,11 +64,6 @@ def _fail(items: Sequence[_Item], error: BaseException) -> None:
             outcome.set_exception(error)
 
 
-def _retrieved(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 def _error(detail: object) -> ResultStoreError:
     return ResultStoreError(f"redis result store: store failed: {detail}")
 
@@ -77,9 +72,10 @@ class _Batch:
     """The records of one write on our own connection, each settled as its reply arrives
     (so a connection lost halfway leaves the records already answered settled).
 
-    ``done`` completes with the last reply, just *before* its record is settled: the flusher
-    waiting on it then runs before that record's caller, and is gone (nothing else queued)
-    by the time the caller stores again, which ``store()`` can then write at once."""
+    ``done`` (the claim's future) completes with the last reply, just *before* its record is
+    settled: the flusher waiting on it then runs before that record's caller, and is gone
+    (nothing else queued) by the time the caller stores again, which ``store()`` can then
+    write at once. The connection fails it if it ends first."""
 
     __slots__ = ("done", "items", "noscript", "position")
 
@@ -88,14 +84,7 @@ class _Batch:
         self.noscript: list[_Item] = []  # the records that got NOSCRIPT
         self.position = -1 if load else 0  # -1: the SCRIPT LOAD's reply comes first
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.done.add_done_callback(_retrieved)  # its waiter may have been cancelled
-        conn.expect(len(items) + load, self.on_reply).add_done_callback(self._claimed)
-
-    def _claimed(self, claim: asyncio.Future[None]) -> None:
-        # The connection ended before the last reply (else ``done`` is done already).
-        if not self.done.done():
-            error = None if claim.cancelled() else claim.exception()
-            self.done.set_exception(error or WireError("the connection to Redis was closed"))
+        conn.expect(len(items) + load, self.on_reply, self.done)
 
     def on_reply(self, reply: Any) -> None:
         if self.position < 0:
@@ -105,7 +94,7 @@ class _Batch:
             return
         item = self.items[self.position]
         self.position += 1
-        if self.position == len(self.items):
+        if self.position == len(self.items) and not self.done.done():  # (cancelled: closing)
             self.done.set_result(None)
         if isinstance(reply, ReplyError):
             if str(reply).startswith("NOSCRIPT"):
