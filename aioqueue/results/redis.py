@@ -13,6 +13,12 @@ the first ``wait()``, cancelled and awaited by ``close()``): :mod:`aioqueue.resu
 explains how waits, subscriptions made when a task is sent (``expect()``) and reconnecting
 (``retry_policy`` from ``result_backend_transport_options``, Celery's defaults) work.
 
+Only redis-py's public API is used. The pub/sub connection and the result writer's connection
+are our own (:mod:`aioqueue.results.redis_wire`), made from the parameters of the store's
+redis-py pool (``connection_class``, ``connection_kwargs``), unless ``settings.fast_paths`` is
+off or the pool asks for something the wire does not speak: then redis-py's ``PubSub`` and
+pipelines serve instead (``paths`` says which).
+
 Redis exceptions never reach callers: they are turned into ``ResultStoreError`` here (and a
 URL with options redis-py rejects into ``ConfigurationError``).
 """
@@ -27,7 +33,6 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError
@@ -37,6 +42,8 @@ from ..exceptions import ConfigurationError, ResultStoreError, SerializationErro
 from ..registry import mask_password
 from .base import ResultStore, cancel_and_wait, raise_timeout
 from .redis_listener import Listener
+from .redis_subscriber import PubSubSubscriber, Subscriber, WireSubscriber
+from .redis_wire import RedisWire, WireParams, open_wire, wire_params
 from .redis_writer import ResultWriter
 
 if TYPE_CHECKING:
@@ -128,7 +135,12 @@ class RedisResultStore(ResultStore):
         self.pubsub_client_name = f"aioqueue-results-{uuid.uuid4().hex[:12]}"
         #: The result writer's connection's CLIENT SETNAME (see redis_writer.py).
         self.writer_client_name = f"aioqueue-writer-{uuid.uuid4().hex[:12]}"
+        #: Our own connections for the listener and the writer (docs/design.md, "What we
+        #: rely on in our dependencies"); False: redis-py's public API only.
+        self.fast_paths = settings.fast_paths
         self._client: Redis | None = None
+        self._wire: WireParams | None = None  # set by connect() when our connections serve
+        self._pubsub_client: Redis | None = None  # redis-py's path: the PubSub's own client
         self._writer: ResultWriter | None = None  # store()'s pipeline, made by the first one
         self._connect_lock = asyncio.Lock()
         self._waiting = Listener(self)  # waits, subscriptions, the listener task
@@ -159,6 +171,17 @@ class RedisResultStore(ResultStore):
                 raise ConfigurationError(
                     f"invalid redis result backend URL {mask_password(self.url)!r}: {exc}"
                 ) from exc
+            if self.fast_paths:
+                try:
+                    self._wire = wire_params(pool.connection_class, pool.connection_kwargs)
+                except (OSError, ValueError, KeyError) as exc:  # TLS files and options
+                    raise ConfigurationError(
+                        f"invalid TLS options in {mask_password(self.url)!r}: {exc!r}"
+                    ) from exc
+                if self._wire is None:
+                    logger.info("redis result store: the connection options of %s need "
+                                "redis-py's own connections; fast paths off",
+                                mask_password(self.url))
             with _translate("connect"):
                 client = Redis.from_pool(pool)
                 try:
@@ -179,10 +202,20 @@ class RedisResultStore(ResultStore):
         listener, self._listener = self._listener, None
         if listener is not None:
             await cancel_and_wait(listener, "redis result store: listener")
-        client, self._client = self._client, None
-        if client is not None:
-            with suppress(RedisError, OSError):
-                await client.aclose()
+        for client in (self._pubsub_client, self._client):
+            if client is not None:
+                with suppress(RedisError, OSError):
+                    await client.aclose()
+        self._pubsub_client = self._client = None
+
+    @property
+    def paths(self) -> dict[str, str | None]:
+        """Which connections serve the waits and the writes: ``"own-wire"`` (ours) or
+        ``"redis-py"`` (its public API); None for one not made yet."""
+        return {
+            "listener": self._waiting.path,
+            "writer": None if self._writer is None else self._writer.path,
+        }
 
     # -- records ---------------------------------------------------------------------------
 
@@ -200,9 +233,12 @@ class RedisResultStore(ResultStore):
             # Pipelined with the other stores of this loop iteration (redis_writer.py).
             writer = self._writer
             if writer is None:
-                writer = self._writer = ResultWriter(
-                    self._open_writer, _STORE_SCRIPT, self.ttl, _SOCKET_TIMEOUT
-                )
+                if self._wire is not None:
+                    writer = ResultWriter(_STORE_SCRIPT, self.ttl, _SOCKET_TIMEOUT,
+                                          connect=self._open_writer)
+                else:
+                    writer = ResultWriter(_STORE_SCRIPT, self.ttl, _SOCKET_TIMEOUT, client=client)
+                self._writer = writer
             written = await writer.store(key.encode(), value)
         else:
             with _translate("store"):
@@ -218,33 +254,14 @@ class RedisResultStore(ResultStore):
             logger.debug("result of task %s already SUCCESS; not overwritten", task_id,
                          extra={"task_id": task_id})
 
-    async def _open_writer(self) -> AbstractConnection:
+    async def _open_writer(self) -> RedisWire:
         """A connection of the result writer's own (CLIENT SETNAME ``writer_client_name``).
 
-        Raises redis-py's errors: the writer turns them into ``ResultStoreError``. The writer
-        decides what to send again and bounds each batch's round trip itself."""
-        client = self._client or await self._ensure_client()
-        return await self._dedicated_connection(client, self.writer_client_name)
-
-    async def _dedicated_connection(self, client: Redis, name: str) -> AbstractConnection:
-        """A connection outside the pool, named ``name`` in CLIENT LIST, with no retries and
-        no socket timeout of redis-py's (its owner reconnects and times out by itself)."""
-        pool = client.connection_pool
-        conn: AbstractConnection = pool.connection_class(
-            **{
-                **pool.connection_kwargs,
-                "client_name": name,
-                "retry": Retry(NoBackoff(), 0),
-                "socket_timeout": None,
-            }
-        )
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await conn.connect()  # type: ignore[no-untyped-call]
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        return conn
+        Raises ``WireError`` (an ``OSError``): the writer turns it into ``ResultStoreError``.
+        The writer decides what to send again and bounds each batch's round trip itself."""
+        assert self._wire is not None
+        async with asyncio.timeout(self.connect_timeout):
+            return await open_wire(self._wire, self.writer_client_name)
 
     async def _holds_success(self, client: Redis, key: str) -> bool:
         current = await client.get(key)
@@ -312,11 +329,36 @@ class RedisResultStore(ResultStore):
     def _fail_waiters(self, error: ResultStoreError) -> None:
         self._waiting.fail(error)
 
-    # -- the listener's connection -----------------------------------------------------------
+    # -- the listener's connection and reads -------------------------------------------
 
-    async def _open_pubsub(self) -> AbstractConnection:
-        # The listener does its own reconnecting; its reads carry their own timeout (the
-        # health check).
-        assert self._client is not None
+    async def open_subscriber(self) -> Subscriber:
+        """A new pub/sub connection for the listener (CLIENT SETNAME ``pubsub_client_name``),
+        with no retries or socket timeout of redis-py's: the listener reconnects by itself
+        and its health check bounds its reads. Raises ``ResultStoreError``."""
+        await self._ensure_client()
+        interval = self.health_check_interval
         with _translate("connect (pub/sub)"):
-            return await self._dedicated_connection(self._client, self.pubsub_client_name)
+            if self._wire is not None:
+                async with asyncio.timeout(self.connect_timeout):
+                    wire = await open_wire(self._wire, self.pubsub_client_name)
+                return WireSubscriber(wire, interval)
+            if self._pubsub_client is None:
+                # A pool of one connection, named, beside the store's.
+                self._pubsub_client = Redis.from_url(
+                    self.url, max_connections=1, client_name=self.pubsub_client_name,
+                    retry=Retry(NoBackoff(), 0), socket_timeout=None,
+                    socket_connect_timeout=self.connect_timeout,
+                )
+            pubsub = self._pubsub_client.pubsub()
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await pubsub.connect()  # type: ignore[no-untyped-call]
+            except BaseException:
+                await pubsub.aclose()
+                raise
+            return PubSubSubscriber(pubsub, interval)
+
+    async def read_keys(self, keys: list[bytes]) -> list[Any]:
+        """MGET on the store's pool (the listener reads keys after subscribing)."""
+        client = self._client or await self._ensure_client()
+        return list(await client.mget(keys))

@@ -3,15 +3,15 @@
 Waiting never polls. Each wait registers a future under its channel (the record's key); the
 listener subscribes (batched: up to ``BATCH`` channels per command) and reads the key once
 the subscription is in effect, so a record written before it took effect is not missed. On
-a RESP3 connection (redis-py's default) the read is an MGET sent on the pub/sub connection
-right behind the SUBSCRIBE: Redis runs a connection's commands in order, so it reads after
-subscribing, and no other connection or round trip is involved. On RESP2, where a subscribed
-connection takes no other command, the listener waits for Redis to *confirm* the
-subscription and then reads the key on a pooled connection. From then on every message on
-the channel goes to all waiters of that id; non-ready states (STARTED, RETRY) are skipped. When the
-connection drops, the listener reconnects (``retry_policy``), subscribes again to every
-channel still wanted and reads each key again; if it cannot reconnect, every waiter gets
-``ResultStoreError`` instead of hanging.
+our own RESP3 connection (redis-py's default protocol) the read is an MGET sent on the
+pub/sub connection right behind the SUBSCRIBE: Redis runs a connection's commands in order,
+so it reads after subscribing, and no other connection or round trip is involved. On RESP2
+(and on redis-py's ``PubSub``), where a subscribed connection takes no other command, the
+listener waits for Redis to *confirm* the subscription and then reads the key on a pooled
+connection. From then on every message on the channel goes to all waiters of that id;
+non-ready states (STARTED, RETRY) are skipped. When the connection drops, the listener
+reconnects (``retry_policy``), subscribes again to every channel still wanted and reads each
+key again; if it cannot reconnect, every waiter gets ``ResultStoreError`` instead of hanging.
 
 Subscribing when the task is sent (``expect``), as stock Celery's Redis backend does: a
 client whose listener runs (it has waited before) subscribes to a task's channel while the
@@ -26,38 +26,43 @@ speed: the wait then subscribes and reads the key itself.
 
 Costs per wait are kept small because thousands run at once: the timeout is a timer that
 fails the waiter's future (not a cancel scope), an UNSUBSCRIBE waits up to
-``UNSUBSCRIBE_DELAY`` to share a write with other commands, and replies are parsed in bulk
-from whatever the socket holds (:mod:`aioqueue.results.resp`) instead of one
-``read_response()`` per message, in the transport's read callback
-(:mod:`aioqueue.results.redis_replies`): a ready record reaches its waiters in the loop
-iteration its bytes arrive in. Channels for new task ids are subscribed ahead, ``SPARES``
-at a time (``take_spare``), so a task sent with one has nothing left to subscribe.
+``UNSUBSCRIBE_DELAY`` to share a write with other commands, and, on our own connection
+(:mod:`aioqueue.results.redis_wire`), replies are parsed in bulk in the transport's read
+callback, so a ready record reaches its waiters in the loop iteration its bytes arrive in.
+Channels for new task ids are subscribed ahead, ``SPARES`` at a time (``take_spare``), so a
+task sent with one has nothing left to subscribe.
+
+The connection itself is a subscriber of :mod:`aioqueue.results.redis_subscriber`: our own
+RESP connection (``settings.fast_paths``, the default), or redis-py's ``PubSub`` (its public
+API only; keys are then always read on a pooled connection, as on RESP2). This module keeps
+the bookkeeping, which is the same for both, and talks to the subscriber through
+``take_commands`` (what to write), ``on_reply``/``on_values``/``on_message``/``on_subscribed``
+(what came) and ``queue_ping`` (the health check).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import itertools
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from .. import states
 from ..exceptions import ResultStoreError, SerializationError
 from ..protocol import new_task_id
 from .base import resolve, timeout_error
-from .redis_replies import ReplyReader
-from .resp import Push, ReplyError
+from .redis_wire import WireError
+from .resp import ReplyError
 
 if TYPE_CHECKING:
     from .redis import RedisResultStore
+    from .redis_subscriber import Subscriber
 
-__all__ = ("Listener", "raise_if_cancelled")
+__all__ = ("MGET", "PING", "SUBSCRIBE", "UNSUBSCRIBE", "Listener", "raise_if_cancelled")
 
 logger = logging.getLogger("aioqueue.results.redis")
 
@@ -76,10 +81,10 @@ SPARES_LOW = 16
 # Seconds an UNSUBSCRIBE may wait for other commands to share its write.
 UNSUBSCRIBE_DELAY = 0.05
 
-_SUBSCRIBE = b"SUBSCRIBE"
-_UNSUBSCRIBE = b"UNSUBSCRIBE"
-_PING = b"PING"
-_MGET = b"MGET"  # on the pub/sub connection itself (RESP3 only)
+SUBSCRIBE = b"SUBSCRIBE"
+UNSUBSCRIBE = b"UNSUBSCRIBE"
+PING = b"PING"
+MGET = b"MGET"  # on the pub/sub connection itself (our own RESP3 connection only)
 
 Waiter = asyncio.Future[dict[str, Any]]
 
@@ -94,15 +99,6 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-def _reads_inline(conn: AbstractConnection) -> bool:
-    """Whether keys can be read on this pub/sub connection: RESP3, and our own reader."""
-    try:
-        resp3 = int(getattr(conn, "protocol", 2) or 2) == 3
-    except (TypeError, ValueError):
-        return False
-    return resp3 and isinstance(getattr(conn, "_reader", None), asyncio.StreamReader)
 
 
 def _expire(waiter: Waiter, task_id: str, timeout: float | None) -> None:
@@ -143,10 +139,10 @@ class Listener:
         self._ops_soon = False  # _wake_writer is scheduled
         self._to_fetch: set[bytes] = set()
         self._fetch_ready = asyncio.Event()
-        # RESP3 with our reader: keys are read on the pub/sub connection (module docstring);
-        # then the keys of each MGET sent (None for a PING), to match the replies in order.
+        # Our own RESP3 connection: keys are read on the pub/sub connection (module docstring).
         self._inline = False
-        self._replies: collections.deque[list[bytes] | None] = collections.deque()
+        #: Which connection serves the waits: "own-wire" or "redis-py" (None before the first).
+        self.path: str | None = None
         # The timers' callback reads no context variable: one empty context spares a copy of
         # the caller's per timer (call_later's default). Per store, so per event loop: a
         # context cannot be entered by two threads at once.
@@ -164,11 +160,12 @@ class Listener:
             if self.running:
                 return
             store = self._store
-            await store._ensure_client()
+            await store.connect()
             # The first connection is made here so that an unreachable Redis fails the wait.
-            conn = await store._open_pubsub()
+            subscriber = await store.open_subscriber()
             self.task = asyncio.create_task(
-                self._supervise(conn), name=f"aioqueue redis results {store.pubsub_client_name}"
+                self._supervise(subscriber),
+                name=f"aioqueue redis results {store.pubsub_client_name}",
             )
 
     # -- waits -------------------------------------------------------------------------
@@ -219,7 +216,7 @@ class Listener:
                 self.waiters[key] = [current, waiter]
             # The others may have read the key before this wait began: read it again.
             if self._inline:
-                self._queue_op(_MGET, key)  # behind the SUBSCRIBE, wherever that is
+                self._queue_op(MGET, key)  # behind the SUBSCRIBE, wherever that is
             elif key in self._confirmed:
                 self._schedule_fetch(key)
             return
@@ -229,7 +226,7 @@ class Listener:
             # about to be): the same footing a new subscription gives, one round trip ago.
             del self._expected[key]
         else:
-            self._queue_op(_SUBSCRIBE, key)  # its confirmation schedules the read of the key
+            self._queue_op(SUBSCRIBE, key)  # its confirmation schedules the read of the key
 
     def _remove_waiter(self, key: bytes, waiter: Waiter) -> None:
         current = self.waiters.get(key)
@@ -239,7 +236,7 @@ class Listener:
             else:
                 del self.waiters[key]
                 self._arrivals.pop(key, None)
-                self._queue_op(_UNSUBSCRIBE, key)
+                self._queue_op(UNSUBSCRIBE, key)
 
     def expect(self, key: bytes) -> asyncio.Future[None] | None:
         """A task with this result key is being sent: subscribe now if the listener runs.
@@ -255,7 +252,7 @@ class Listener:
         # Written one loop iteration later: the task's publish, queued right after this
         # call, goes out first (the SUBSCRIBE has the whole run of the task to take effect,
         # and the MGET behind it covers a record that is faster).
-        self._queue_op(_SUBSCRIBE, key, soon=True)
+        self._queue_op(SUBSCRIBE, key, soon=True)
         return self._hold(key)
 
     def take_spare(self) -> str | None:
@@ -284,7 +281,7 @@ class Listener:
                 new_id = new_task_id()
                 key = key_for(new_id).encode()
                 spares[key] = new_id
-                self._queue_op(_SUBSCRIBE, key, soon=True)
+                self._queue_op(SUBSCRIBE, key, soon=True)
         return task_id
 
     def _hold(self, key: bytes) -> asyncio.Future[None]:
@@ -301,7 +298,7 @@ class Listener:
         if key in self._expected:
             del self._expected[key]
             self._arrivals.pop(key, None)
-            self._queue_op(_UNSUBSCRIBE, key)
+            self._queue_op(UNSUBSCRIBE, key)
 
     def forget(self, key: bytes) -> None:
         """The record was deleted: neither hold a subscription for it nor keep a copy."""
@@ -330,7 +327,7 @@ class Listener:
     def _queue_op(self, op: bytes, key: bytes, soon: bool = False) -> None:
         """Queue a command for the writer; ``soon``: wake it in the next loop iteration."""
         self._ops.append((op, key))
-        if op == _UNSUBSCRIBE:
+        if op == UNSUBSCRIBE:
             self._confirmed.discard(key)
             # Nothing waits on an UNSUBSCRIBE: let it share the next write (the next wait's
             # SUBSCRIBE, usually), unless enough are queued to fill a command.
@@ -340,7 +337,7 @@ class Listener:
                         UNSUBSCRIBE_DELAY, self._ops_ready.set
                     )
                 return
-        elif op == _SUBSCRIBE:
+        elif op == SUBSCRIBE:
             self._pending_subs[key] = self._pending_subs.get(key, 0) + 1
         if not soon:
             self._ops_ready.set()
@@ -366,11 +363,11 @@ class Listener:
             arrival.set_result(None)
         current = self.waiters.pop(key, None)
         if current is not None:
-            self._queue_op(_UNSUBSCRIBE, key)
+            self._queue_op(UNSUBSCRIBE, key)
             resolve(current if isinstance(current, list) else (current,), meta, error)
         elif key in self._expected:
             del self._expected[key]
-            self._queue_op(_UNSUBSCRIBE, key)
+            self._queue_op(UNSUBSCRIBE, key)
             self._keep(key, data)
 
     def _keep(self, key: bytes, data: bytes | str) -> None:
@@ -385,7 +382,50 @@ class Listener:
         if data is not None:
             self._kept_bytes -= len(data)
 
-    def _on_record(self, key: bytes, data: bytes | str) -> None:
+    # -- what the subscriber calls -------------------------------------------------------
+
+    @property
+    def inline(self) -> bool:
+        """Keys are read by MGETs behind the SUBSCRIBEs, on the pub/sub connection itself."""
+        return self._inline
+
+    @property
+    def ops_ready(self) -> asyncio.Event:
+        """Set when ``take_commands`` has something to write."""
+        return self._ops_ready
+
+    def queue_ping(self) -> None:
+        """Ask for a PING (the health check); written with the next commands."""
+        self._ops.append((PING, b""))
+        self._ops_ready.set()
+
+    def take_commands(self) -> list[tuple[bytes, ...]]:
+        """The commands queued since the last call, merged and cut into batches.
+
+        Consecutive runs of the same command merge into one (the order between SUBSCRIBE and
+        UNSUBSCRIBE of a channel must be kept, so only neighbours merge); when ``inline``, an
+        MGET of the same keys follows each SUBSCRIBE."""
+        self._ops_ready.clear()
+        if self._ops_timer is not None:
+            self._ops_timer.cancel()
+            self._ops_timer = None
+        ops, self._ops = self._ops, []
+        commands: list[tuple[bytes, ...]] = []
+        for op, run in itertools.groupby(ops, key=lambda item: item[0]):
+            if op == PING:
+                commands.append((PING,))
+                continue
+            channels = [key for _, key in run]
+            for start in range(0, len(channels), BATCH):
+                part = channels[start:start + BATCH]
+                if op != MGET:
+                    commands.append((op, *part))
+                if op == MGET or (op == SUBSCRIBE and self._inline):
+                    commands.append((MGET, *part))  # runs once the SUBSCRIBE is in effect
+        return commands
+
+    def on_message(self, key: bytes, data: bytes | str) -> None:
+        """A message on a channel: a record, ready or not."""
         if key not in self.waiters and key not in self._expected:
             return
         try:
@@ -396,7 +436,8 @@ class Listener:
         if meta.get("status") in states.READY_STATES:
             self._settle(key, meta, None, data)
 
-    def _on_subscribed(self, key: bytes) -> None:
+    def on_subscribed(self, key: bytes) -> None:
+        """Redis confirmed a SUBSCRIBE of ``key``."""
         left = self._pending_subs.get(key, 0) - 1
         if left > 0:
             self._pending_subs[key] = left
@@ -409,39 +450,42 @@ class Listener:
         elif key in self._spares:
             self._confirmed.add(key)
 
-    def _on_reply(self, reply: Any) -> None:
+    def on_values(self, keys: Sequence[bytes], reply: Any) -> None:
+        """The reply to an MGET of ``keys`` on the pub/sub connection."""
         if isinstance(reply, ReplyError):
-            raise ResponseError(str(reply))
-        if self._inline and not isinstance(reply, Push):  # the reply to an MGET or a PING
-            keys = self._replies.popleft() if self._replies else None
-            if keys is not None and isinstance(reply, list):
-                for key, value in zip(keys, reply, strict=False):
-                    if value is not None:
-                        self._on_record(key, value)
-            return
+            raise WireError(f"MGET on the pub/sub connection failed: {reply}")
+        if isinstance(reply, list):
+            for key, value in zip(keys, reply, strict=False):
+                if value is not None:
+                    self.on_message(key, value)
+
+    def on_reply(self, reply: Any) -> None:
+        """A pushed reply (RESP3), or any reply of a subscribed RESP2 connection."""
+        if isinstance(reply, ReplyError):
+            raise WireError(f"error on the pub/sub connection: {reply}")
         if not isinstance(reply, list) or len(reply) < 2:
             return  # a PONG outside subscribed mode
         kind = reply[0]
         if kind == b"message" and len(reply) > 2:
-            self._on_record(reply[1], reply[2])
+            self.on_message(reply[1], reply[2])
         elif kind == b"subscribe":
-            self._on_subscribed(reply[1])
+            self.on_subscribed(reply[1])
         # unsubscribe confirmations and PONGs need nothing
 
     # -- the listener task -------------------------------------------------------------
 
-    async def _supervise(self, conn: AbstractConnection) -> None:
+    async def _supervise(self, subscriber: Subscriber) -> None:
         """Serve one connection at a time until cancelled; reconnect when one drops."""
         try:
             while True:
                 try:
-                    await self._serve(conn)
+                    await self._serve(subscriber)
                 except* (RedisError, OSError) as group:
                     logger.warning("redis result store: pub/sub connection lost (%s); reconnecting",
                                    group.exceptions[0])
                 finally:
-                    await conn.disconnect(nowait=True)
-                conn = await self._reconnect()
+                    await subscriber.close()
+                subscriber = await self._reconnect()
         except ResultStoreError as exc:
             logger.error("%s", exc)
             self.fail(exc)
@@ -450,7 +494,7 @@ class Listener:
         finally:
             self.fail(ResultStoreError("the result store listener stopped"))
 
-    async def _reconnect(self) -> AbstractConnection:
+    async def _reconnect(self) -> Subscriber:
         policy = self._store.retry_policy
         max_retries = policy["max_retries"]
         interval = float(policy["interval_start"])
@@ -459,7 +503,7 @@ class Listener:
         for attempt in attempts:
             await asyncio.sleep(interval)  # backoff between attempts, as Celery's retry_policy
             try:
-                return await self._store._open_pubsub()
+                return await self._store.open_subscriber()
             except ResultStoreError as exc:
                 error = exc
                 logger.warning("redis result store: reconnect attempt %d failed: %s", attempt, exc)
@@ -468,7 +512,7 @@ class Listener:
             f"redis result store: gave up reconnecting the pub/sub connection: {error}"
         )
 
-    async def _serve(self, conn: AbstractConnection) -> None:
+    async def _serve(self, subscriber: Subscriber) -> None:
         # A new connection has no subscriptions: start the bookkeeping afresh and subscribe to
         # every channel still wanted. Each confirmation triggers a read of the key, which
         # recovers records published while no connection was listening.
@@ -479,105 +523,16 @@ class Listener:
         self._pending_subs.clear()
         self._confirmed.clear()
         self._to_fetch.clear()
-        self._replies.clear()
         self._spares.clear()  # new ones are subscribed when asked for
-        self._inline = _reads_inline(conn)
+        self._inline = subscriber.inline
+        self.path = subscriber.path
         for key in itertools.chain(self.waiters, self._expected):
-            self._queue_op(_SUBSCRIBE, key)
+            self._queue_op(SUBSCRIBE, key)
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._read(conn))
-            tasks.create_task(self._write(conn))
+            tasks.create_task(subscriber.serve(self))
             tasks.create_task(self._fetch())
 
-    async def _read(self, conn: AbstractConnection) -> None:
-        reader = getattr(conn, "_reader", None)
-        writer = getattr(conn, "_writer", None)
-        if not isinstance(reader, asyncio.StreamReader) or writer is None:
-            await self._read_replies(conn)  # not redis-py's layout: its parser
-            return
-        # redis-py's parser reads exactly one reply at a time, so after the handshake every
-        # byte still in the stream belongs to replies to our own commands: take over here,
-        # in the transport's read callback (redis_replies).
-        transport = writer.transport
-        leftover = bytes(getattr(reader, "_buffer", b""))
-        replies = ReplyReader(self._on_reply, transport.get_protocol(), transport, leftover)
-        transport.set_protocol(replies)
-        # Health check: after a whole interval without a byte, a PING; after another one,
-        # the connection is taken for dead.
-        interval = self._store.health_check_interval
-        loop = asyncio.get_running_loop()
-        ping_sent = False
-        deadline = replies.last_data + interval
-        while True:
-            await asyncio.wait((replies.failed,), timeout=max(0.0, deadline - loop.time()))
-            raise_if_cancelled()
-            if replies.failed.done():
-                replies.failed.result()  # raises: the listener reconnects
-            now = loop.time()
-            if replies.last_data + interval > now:  # heard from Redis within the interval
-                ping_sent = False
-                deadline = replies.last_data + interval
-                continue
-            if ping_sent:
-                raise RedisConnectionError("no answer to PING on the pub/sub connection")
-            ping_sent = True
-            deadline = now + interval
-            self._ops.append((_PING, b""))
-            self._ops_ready.set()
-
-    async def _read_replies(self, conn: AbstractConnection) -> None:
-        """One ``read_response()`` per reply: for connections without a stream reader."""
-        ping_sent = False
-        while True:
-            reply = await conn.read_response(
-                timeout=self._store.health_check_interval, push_request=True
-            )
-            raise_if_cancelled()
-            if reply is None:  # silence for a whole interval
-                if ping_sent:
-                    raise RedisConnectionError("no answer to PING on the pub/sub connection")
-                ping_sent = True
-                self._ops.append((_PING, b""))
-                self._ops_ready.set()
-                continue
-            ping_sent = False
-            self._on_reply(reply)
-
-    async def _write(self, conn: AbstractConnection) -> None:
-        while True:
-            await self._ops_ready.wait()
-            self._ops_ready.clear()
-            if self._ops_timer is not None:
-                self._ops_timer.cancel()
-                self._ops_timer = None
-            ops, self._ops = self._ops, []
-            commands: list[tuple[bytes, ...]] = []
-            # Consecutive runs of the same command merge into one (order between SUBSCRIBE
-            # and UNSUBSCRIBE of a channel must be kept, so only neighbours merge).
-            for op, run in itertools.groupby(ops, key=lambda item: item[0]):
-                if op == _PING:
-                    commands.append((_PING,))
-                    if self._inline:
-                        self._replies.append(None)
-                    continue
-                channels = [key for _, key in run]
-                for start in range(0, len(channels), BATCH):
-                    part = channels[start:start + BATCH]
-                    if op != _MGET:
-                        commands.append((op, *part))
-                    if op == _MGET or (op == _SUBSCRIBE and self._inline):
-                        commands.append((_MGET, *part))  # runs once the SUBSCRIBE is in effect
-                        self._replies.append(part)
-            if not commands:
-                continue
-            if not conn.is_connected:
-                raise RedisConnectionError("the pub/sub connection is closed")
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            raise_if_cancelled()
-
     async def _fetch(self) -> None:
-        client = self._store._client
-        assert client is not None
         while True:
             await self._fetch_ready.wait()
             self._fetch_ready.clear()
@@ -587,8 +542,8 @@ class Listener:
                 batch = [key for key in popped if self._wanted(key)]
                 if not batch:
                     continue
-                values = await client.mget(batch)
+                values = await self._store.read_keys(batch)
                 raise_if_cancelled()
                 for key, value in zip(batch, values, strict=True):
                     if value is not None:
-                        self._on_record(key, value)
+                        self.on_message(key, value)

@@ -1,22 +1,24 @@
-"""A RESP2/RESP3 reply parser for the Redis result store's pub/sub connection.
+"""RESP2/RESP3 for the Redis result store's own connections: the one reply parser, and
+the encoding of commands.
 
 redis-py parses one reply per ``read_response()`` call: a timeout context, several
 ``readline``/``readexactly`` awaits, and on RESP3 a debug line built for every pushed
 message whatever the log level. With thousands of results arriving at once that was most of
-a client's cost of waiting. The listener instead reads whatever the socket has and hands the
-bytes to ``parse``, which returns every complete reply in them (and what is left over).
+a client's cost of waiting. Our own connection (:mod:`aioqueue.results.redis_wire`) instead
+hands whatever the socket delivered to ``parse``, which returns every complete reply in it
+(and what is left over, and how much the next reply needs at least).
 
-Only replies are parsed, never written: the connection, its handshake and every command
-stay redis-py's. Arrays and sets become lists, RESP3 pushes ``Push`` lists (so they can be
-told from command replies), maps dicts, bulk and simple strings bytes, null None, integers
-int; an error reply becomes a ``ReplyError`` value. RESP3 attributes are skipped.
+Arrays and sets become lists, RESP3 pushes ``Push`` lists (so they can be told from command
+replies), maps dicts, bulk and simple strings bytes, null None, integers int; an error reply
+becomes a ``ReplyError`` value. RESP3 attributes are skipped. ``command`` writes a command
+(an array of bulk strings).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ("Push", "ReplyError", "parse")
+__all__ = ("Push", "ReplyError", "command", "parse")
 
 
 class ReplyError(Exception):
@@ -36,6 +38,14 @@ class _Incomplete(Exception):
 
 _AGGREGATES = frozenset(b"*>~")  # array, push, set
 _PUSH = ord(">")
+
+
+def command(*args: bytes) -> bytes:
+    """One command as RESP: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
 
 
 def parse(data: bytes) -> tuple[list[Any], bytes, int]:

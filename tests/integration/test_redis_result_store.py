@@ -27,6 +27,9 @@ from aioqueue import exceptions
 from aioqueue.config import Settings
 from aioqueue.meta import make_meta
 from aioqueue.results.redis import RedisResultStore
+from aioqueue.results.redis_wire import OWN_WIRE, REDIS_PY
+
+from ..conftest import FAST_PATHS
 
 pytestmark = pytest.mark.integration
 
@@ -418,6 +421,8 @@ async def test_rediss_url_speaks_tls(tmp_path: Path, raw: aioredis.Redis, unique
             await until_subscribed(raw, store.key_for(task_id))
             await store.store(task_id, make_meta(task_id, "SUCCESS", "over tls"))
             assert (await waiting)["result"] == "over tls"
+            path = OWN_WIRE if FAST_PATHS else REDIS_PY  # our own TLS, or redis-py's
+            assert store.paths == {"listener": path, "writer": path}
         # A plain client cannot talk to the TLS relay: the store really used TLS.
         plain = RedisResultStore(url.replace("rediss://", "redis://").split("?")[0], Settings())
         plain.connect_timeout = 0.5

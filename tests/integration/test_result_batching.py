@@ -1,7 +1,8 @@
 """Result writes pipelined per loop iteration (``results/redis_writer.py``), on the real Redis.
 
 Stores issued together go out as one pipeline of EVALSHAs; each caller still gets its own
-outcome. Keys carry the test's ``unique`` name and are deleted afterwards (db 12); nothing
+outcome, on our own connection (``fast_paths``) and on redis-py's pipelines alike. Keys carry
+the test's ``unique`` name and are deleted afterwards (db 12); nothing
 is flushed. NOSCRIPT is provoked with a script of the test's own (a unique comment makes a
 script Redis has never seen), never with SCRIPT FLUSH. The script is left in Redis's script
 cache, which holds no data.
@@ -22,7 +23,8 @@ from aioqueue.config import Settings
 from aioqueue.meta import make_meta
 from aioqueue.results import redis as redis_results
 from aioqueue.results.redis import RedisResultStore
-from aioqueue.results.redis_writer import ResultWriter, _parse
+from aioqueue.results.redis_wire import OWN_WIRE, REDIS_PY
+from aioqueue.results.redis_writer import ResultWriter
 
 pytestmark = pytest.mark.integration
 
@@ -81,13 +83,20 @@ async def test_success_guard_holds_within_one_pipeline(
     assert await stored_status(raw, store, task_id) == states.SUCCESS
 
 
+@pytest.mark.parametrize("fast_paths", [True, False], ids=[OWN_WIRE, REDIS_PY])
 async def test_unknown_script_is_loaded_and_the_records_sent_again(
-    store: RedisResultStore, raw: aioredis.Redis, unique: str
+    redis_url: str, raw: aioredis.Redis, unique: str, fast_paths: bool
 ) -> None:
     """NOSCRIPT (as after a Redis restart or a SCRIPT FLUSH): the writer loads the script
     and sends the records again behind it; every caller gets its outcome."""
     source = f"{redis_results._STORE_SCRIPT}\n-- {unique}\n"  # a script Redis never saw
-    writer = ResultWriter(store._open_writer, source, 60, 10.0)
+    store = RedisResultStore(redis_url, Settings(fast_paths=fast_paths))
+    await store.connect()
+    if fast_paths:
+        writer = ResultWriter(source, 60, 10.0, connect=store._open_writer)
+    else:
+        assert store._client is not None
+        writer = ResultWriter(source, 60, 10.0, client=store._client)
     assert await raw.script_exists(writer.sha.decode()) == [False]
     try:
         keys = [store.key_for(task_id).encode() for task_id in ids(unique, 5)]
@@ -104,20 +113,22 @@ async def test_unknown_script_is_loaded_and_the_records_sent_again(
         assert await writer.store(keys[0], values[0]) is False
     finally:
         await writer.close()
+        await store.close()
 
 
 async def test_a_lost_connection_is_replaced_without_failing_the_store(
-    store: RedisResultStore, raw: aioredis.Redis, unique: str
+    redis_url: str, raw: aioredis.Redis, unique: str
 ) -> None:
-    """The writer's connection was killed while idle (as by a Redis restart): the next
+    """The writer's own connection was killed while idle (as by a Redis restart): the next
     batch notices and goes out again on a new connection, without an error."""
     first, second = ids(unique, 2)
-    await store.store(first, success(first))
-    (conn,) = await writer_connections(raw, store.writer_client_name)
-    await raw.client_kill_filter(_id=conn["id"])
-    await asyncio.gather(*(store.store(second, success(second)) for _ in range(3)))
-    assert await stored_status(raw, store, second) == states.SUCCESS
-    assert len(await writer_connections(raw, store.writer_client_name)) == 1
+    async with RedisResultStore(redis_url, Settings(fast_paths=True)) as store:
+        await store.store(first, success(first))
+        (conn,) = await writer_connections(raw, store.writer_client_name)
+        await raw.client_kill_filter(_id=conn["id"])
+        await asyncio.gather(*(store.store(second, success(second)) for _ in range(3)))
+        assert await stored_status(raw, store, second) == states.SUCCESS
+        assert len(await writer_connections(raw, store.writer_client_name)) == 1
 
 
 async def test_close_fails_stores_not_yet_written(
@@ -136,17 +147,18 @@ async def test_close_fails_stores_not_yet_written(
 
 
 async def test_a_lone_store_is_written_by_store_itself(
-    redis_url: str, settings: Settings, raw: aioredis.Redis, unique: str
+    redis_url: str, raw: aioredis.Redis, unique: str
 ) -> None:
     """Nothing in flight on an open connection: the record leaves before store() returns
     (no loop iteration for the flusher first); records queued meanwhile make a batch."""
-    async with RedisResultStore(redis_url, settings) as s:
+    async with RedisResultStore(redis_url, Settings(fast_paths=True)) as s:
         first, lone, a, b = ids(unique, 4)
         await s.store(first, success(first))  # connects the writer
         writer = s._writer
         assert writer is not None
         outcome = writer.store(s.key_for(lone).encode(), s.encode(success(lone, 2)))
-        assert [item[0] for item in writer._written] == [s.key_for(lone).encode()]
+        assert writer._written is not None
+        assert [item[0] for item in writer._written.items] == [s.key_for(lone).encode()]
         queued = [writer.store(s.key_for(i).encode(), s.encode(success(i, 3))) for i in (a, b)]
         assert len(writer._pending) == 2  # behind the one in flight
         assert await outcome is True
@@ -162,10 +174,3 @@ async def test_unreachable_redis_fails_each_store(settings: Settings, unique: st
     finally:
         await s.close()
 
-
-def test_reply_parser() -> None:
-    assert _parse(b":1\r\n", 0) == (1, 4)
-    assert _parse(b"-NOSCRIPT No matching script\r\n:0\r\n", 0)[0].startswith("NOSCRIPT")
-    assert _parse(b"$3\r\nabc\r\n", 0) == (b"abc", 9)
-    assert _parse(b"_\r\n", 0) == (None, 3)
-    assert _parse(b">2\r\n$1\r\na\r\n:1\r\n", 0) == ([b"a", 1], 15)
