@@ -30,8 +30,8 @@ from aiormq.channel import Channel as AiormqChannel
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
-from aioqueue.brokers.amqp.field_tables import HeaderProperties, encode_field_table
-from aioqueue.brokers.amqp.frames import encode_publish, random_message_id
+from aioqueue.brokers.amqp.field_tables import encode_field_table
+from aioqueue.brokers.amqp.frames import encode_publish, pamqp_properties, random_message_id
 from aioqueue.protocol import Envelope, encode_task
 from aioqueue.results.resp import Push, ReplyError, parse
 from aioqueue.serialization import _DUMP_OPTIONS, _json_default, _wrap_uuids, dumps
@@ -47,17 +47,7 @@ def aiormq_frames(
     max_body: int = MAX_BODY,
 ) -> bytes:
     """What ``AmqpBroker.publish`` sends through aiormq's ``basic_publish`` (fast paths off)."""
-    properties = HeaderProperties(
-        content_type=envelope.content_type or None,
-        content_encoding=envelope.content_encoding or None,
-        headers=envelope.headers or None,
-        delivery_mode=envelope.delivery_mode,
-        priority=envelope.priority,
-        correlation_id=envelope.correlation_id,
-        reply_to=envelope.reply_to,
-        expiration=envelope.expiration,
-        message_id=message_id,
-    )
+    properties = pamqp_properties(envelope, message_id)  # as the broker hands them to aiormq
     if len(routing_key) > 255:
         raise ValueError("Routing key too long (max 255 bytes)")
     publish = spec.Basic.Publish(exchange=exchange, routing_key=routing_key)
