@@ -1,4 +1,4 @@
-"""Acks and rejects of one loop iteration are written together (``amqp_consumer._Settler``).
+"""Acks and rejects of one loop iteration are written together (``amqp.acks.Settler``).
 
 A run of acks becomes one ``basic.ack multiple=True``, which must never cover a delivery that
 is not settled, nor one being rejected. These tests settle deliveries of one channel out of

@@ -1,4 +1,4 @@
-"""The batching publisher (``amqp_publisher``) against the real RabbitMQ.
+"""The batching publisher (``amqp.publisher``) against the real RabbitMQ.
 
 Thousands of concurrent publishes are confirmed and queued in call order; what goes on the
 wire is what aiormq's ``basic_publish`` sent, byte for byte; a publish cancelled before its

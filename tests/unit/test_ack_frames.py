@@ -1,4 +1,4 @@
-"""The frames the AMQP consumer writes for a batch of settles (``amqp_consumer.Tags``).
+"""The frames the AMQP consumer writes for a batch of settles (``amqp.acks.Tags``).
 
 No server: the bytes are compared with pamqp's own marshalling and read back with pamqp, and
 the choice of frames is checked on the bookkeeping alone. RabbitMQ's side of it (which

@@ -7,7 +7,7 @@ One robust connection (aio-pika reconnects it by itself) with three kinds of cha
 * a *declare* channel for queue/exchange declarations. aio-pika re-declares them after a
   reconnect; keeping them off the publish channel means a refused declaration (which makes
   RabbitMQ close the channel) cannot fail publishes that are waiting for their confirms;
-* one channel per consumer (:mod:`aioqueue.brokers.amqp_consumer`), so its ``basic.qos``
+* one channel per consumer (:mod:`aioqueue.brokers.amqp.consumer`), so its ``basic.qos``
   prefetch applies to that consumer only.
 
 Per-message paths use the underlying aiormq channel directly, not aio-pika's ``Message``

@@ -4,7 +4,7 @@
 * ``Channel`` holds one of the broker's own robust channels and waits out aio-pika's reopen;
 * ``declare_on()`` declares a queue with plain aiormq calls (a consumer's restore);
 * error translation: aio-pika, aiormq and pamqp exceptions never leave the AMQP modules
-  (:mod:`aioqueue.brokers.amqp`, :mod:`aioqueue.brokers.amqp_consumer`): connection problems
+  (:mod:`aioqueue.brokers.amqp`, :mod:`aioqueue.brokers.amqp.consumer`): connection problems
   become ``BrokerConnectionError``, everything else the broker refuses becomes ``BrokerError``.
 """
 
