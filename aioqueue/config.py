@@ -163,6 +163,7 @@ class Settings:
     broker_url: str | None = None
     result_backend: str | None = None
     broker_connection_timeout: float = 4.0
+    broker_publish_timeout: float | None = 10.0  # for the broker to take a message (confirm)
     broker_connection_retry_on_startup: bool = True
     broker_transport_options: dict[str, Any] = field(default_factory=dict)
     result_backend_transport_options: dict[str, Any] = field(default_factory=dict)
@@ -407,6 +408,7 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "broker_url": _optional_str,
     "result_backend": _optional_str,
     "broker_connection_timeout": _seconds,
+    "broker_publish_timeout": _seconds,
     "broker_connection_retry_on_startup": _check_bool,
     "broker_transport_options": _dict,
     "result_backend_transport_options": _dict,

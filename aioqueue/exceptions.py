@@ -47,6 +47,7 @@ __all__ = (
     "TaskRevokedError",
     "TimeLimitExceeded",
     "TimeoutError",
+    "reason",
 )
 
 
@@ -155,3 +156,10 @@ class Reject(AioQueueError):
         super().__init__(reason or "rejected")
         self.reason = reason
         self.requeue = requeue
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, for a message: the exception's text, or its type's name when it has
+    none (a bare ``TimeoutError()`` would otherwise end a message in an empty string)."""
+    text = str(exc).strip()
+    return text or type(exc).__name__

@@ -9,6 +9,8 @@ broker or result-store URL names ``proxy.port`` then talks through it, and the t
 * ``proxy.pause()`` / ``proxy.resume()``: while paused, every new connection is accepted and
   reset at once (the client sees a connection that dies during its handshake, as when the
   server is restarting); connections already open are left alone;
+* ``proxy.freeze()`` / ``proxy.thaw()``: while frozen, nothing is forwarded either way and
+  nothing is closed (a connection gone silent: a dead NAT entry, a frozen broker);
 * read ``accepted`` (connections forwarded), ``refused`` (reset while paused, or the target
   did not answer), ``cut`` (closed by ``cut()``) and ``live`` (open now).
 
@@ -68,6 +70,8 @@ class TcpProxy:
         self.refused = 0
         self.cut_count = 0
         self.paused = False
+        self._thawed = anyio.Event()
+        self._thawed.set()
         self._live: set[_Connection] = set()
 
     @property
@@ -80,6 +84,14 @@ class TcpProxy:
 
     def resume(self) -> None:
         self.paused = False
+
+    def freeze(self) -> None:
+        """Forward nothing, close nothing, until thaw()."""
+        if self._thawed.is_set():
+            self._thawed = anyio.Event()
+
+    def thaw(self) -> None:
+        self._thawed.set()
 
     async def cut(self) -> int:
         """Reset every live connection; returns how many, once all of them are closed."""
@@ -125,11 +137,13 @@ class TcpProxy:
             self._live.discard(connection)
             connection.closed.set()
 
-    @staticmethod
-    async def _pump(source: SocketStream, sink: SocketStream, both: anyio.CancelScope) -> None:
+    async def _pump(
+        self, source: SocketStream, sink: SocketStream, both: anyio.CancelScope
+    ) -> None:
         """Copy one direction; an EOF is passed on (half-close), an error ends both."""
         try:
             async for chunk in source:
+                await self._thawed.wait()  # frozen: held back, not lost
                 await sink.send(chunk)
             await sink.send_eof()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):

@@ -36,7 +36,7 @@ import aiormq
 import anyio
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-from ...exceptions import BrokerConnectionError, BrokerError, SerializationError
+from ...exceptions import BrokerConnectionError, BrokerError, SerializationError, reason
 from ...protocol import Envelope
 from ...registry import mask_password
 from .. import delay as delays
@@ -122,9 +122,10 @@ class AmqpBroker(Broker):
                 except Exception as close_exc:
                     logger.debug("closing a failed AMQP connection: %s", close_exc)
             if isinstance(exc, Exception):
+                why = (f"no answer within {self._timeout:g} s (broker_connection_timeout)"
+                       if isinstance(exc, TimeoutError) else reason(exc))
                 raise BrokerConnectionError(
-                    f"cannot connect to {mask_password(self.url)}: "
-                    f"{exc or type(exc).__name__}"
+                    f"cannot connect to the broker at {mask_password(self.url)}: {why}"
                 ) from exc
             raise
         self._connection = connection
@@ -323,25 +324,36 @@ class AmqpBroker(Broker):
         message it delivers straight away only once the consumer acks it (or it is on
         disk), and a worker acks after storing the result, so the result reaches the
         client before the confirm does. A message RabbitMQ cannot route is dropped silently
-        (``mandatory`` off, as Celery).
+        (``mandatory`` off, as Celery). Past ``broker_publish_timeout`` without either (a
+        connection gone silent), ``BrokerConnectionError``: never reported sent unconfirmed.
         """
         if self._publish is None:
             raise BrokerConnectionError(f"{mask_password(self.url)} is not connected")
         if exchange and exchange not in self._exchanges:
             await self._check_exchange(exchange)
         channel = await self._publish.current(self._timeout)
+        limit = self.settings.broker_publish_timeout
         try:
-            publisher = self._publisher
-            if publisher is None or publisher.channel is not channel:
-                publisher = self._publisher = self._new_publisher(channel)
-            if publisher is not None:
-                confirmation = publisher.send(envelope, exchange=exchange, routing_key=routing_key)
-                if proof is None:
-                    await confirmation
+            with anyio.move_on_after(limit) as waited:
+                publisher = self._publisher
+                if publisher is None or publisher.channel is not channel:
+                    publisher = self._publisher = self._new_publisher(channel)
+                if publisher is not None:
+                    confirmation = publisher.send(
+                        envelope, exchange=exchange, routing_key=routing_key)
+                    if proof is None:
+                        await confirmation
+                    else:
+                        await _confirmed_or_proven(confirmation, proof)
                 else:
-                    await _confirmed_or_proven(confirmation, proof)
-            else:
-                await _publish_through_aiormq(channel, envelope, exchange, routing_key)
+                    await _publish_through_aiormq(channel, envelope, exchange, routing_key)
+            if waited.cancelled_caught:
+                raise BrokerConnectionError(
+                    f"the broker at {mask_password(self.url)} did not confirm a message for "
+                    f"{exchange!r}/{routing_key!r} within {limit:g} s "
+                    "(broker_publish_timeout): the connection may have gone silent; the "
+                    "message may or may not have arrived"
+                )
         except aiormq.exceptions.DeliveryError as exc:
             raise BrokerError(
                 f"RabbitMQ refused the message for {exchange!r}/{routing_key!r} (nack)"

@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import AbstractChannel
 from yarl import URL
 
-from ...exceptions import BrokerConnectionError, BrokerError
+from ...exceptions import BrokerConnectionError, BrokerError, reason
 
 if TYPE_CHECKING:
     from ...config import Queue
@@ -59,8 +59,8 @@ PUBLISH_ERRORS: tuple[type[BaseException], ...] = (*AMQP_ERRORS, ValueError)
 
 def translate(exc: BaseException, what: str) -> BrokerError:
     if isinstance(exc, CONNECTION_ERRORS):
-        return BrokerConnectionError(f"{what}: {exc or type(exc).__name__}")
-    return BrokerError(f"{what}: {exc or type(exc).__name__}")
+        return BrokerConnectionError(f"{what}: {reason(exc)}")
+    return BrokerError(f"{what}: {reason(exc)}")
 
 
 # -- URL ------------------------------------------------------------------------------------
