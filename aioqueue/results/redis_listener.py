@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from .. import states
-from ..exceptions import ResultStoreError, SerializationError
+from ..exceptions import ResultStoreError, SerializationError, reason
 from ..protocol import new_task_id
 from .base import resolve, timeout_error
 from .redis_wire import WireError
@@ -101,9 +101,12 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-def _expire(waiter: Waiter, task_id: str, timeout: float | None) -> None:
+def _expire(waiter: Waiter, task_id: str, timeout: float | None, listener: Listener) -> None:
     if not waiter.done():
-        waiter.set_exception(timeout_error(task_id, timeout))
+        error = timeout_error(task_id, timeout)
+        if listener.outage is not None:  # say why, when the store was out of reach
+            error = type(error)(f"{error}; the result store was unreachable: {listener.outage}")
+        waiter.set_exception(error)
 
 
 class Listener:
@@ -112,6 +115,8 @@ class Listener:
     def __init__(self, store: RedisResultStore) -> None:
         self._store = store
         self.task: asyncio.Task[None] | None = None
+        #: Why the pub/sub connection is down, while it is (for the timeout's message).
+        self.outage: str | None = None
         self._start_lock = asyncio.Lock()
         # Channel (= key, bytes) -> the future of the wait on it, or a list when several
         # wait (rare: one object less per wait, thousands of which may be pending).
@@ -194,7 +199,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         waiter: Waiter = loop.create_future()
         timer = None if timeout is None else loop.call_later(
-            timeout, _expire, waiter, task_id, timeout, context=self._timer_context
+            timeout, _expire, waiter, task_id, timeout, self, context=self._timer_context
         )
         self._add_waiter(key, waiter)
         return waiter, timer
@@ -481,6 +486,7 @@ class Listener:
                 try:
                     await self._serve(subscriber)
                 except* (RedisError, OSError) as group:
+                    self.outage = f"pub/sub connection lost ({reason(group.exceptions[0])})"
                     logger.warning("redis result store: pub/sub connection lost (%s); reconnecting",
                                    group.exceptions[0])
                 finally:
@@ -506,6 +512,7 @@ class Listener:
                 return await self._store.open_subscriber()
             except ResultStoreError as exc:
                 error = exc
+                self.outage = reason(exc)
                 logger.warning("redis result store: reconnect attempt %d failed: %s", attempt, exc)
             interval = min(interval + float(policy["interval_step"]), float(policy["interval_max"]))
         raise ResultStoreError(
@@ -526,6 +533,7 @@ class Listener:
         self._spares.clear()  # new ones are subscribed when asked for
         self._inline = subscriber.inline
         self.path = subscriber.path
+        self.outage = None
         for key in itertools.chain(self.waiters, self._expected):
             self._queue_op(SUBSCRIBE, key)
         async with asyncio.TaskGroup() as tasks:

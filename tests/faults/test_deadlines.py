@@ -1,4 +1,4 @@
-"""Every wait on the broker has a deadline, and says what was unreachable and why.
+"""Every wait has a deadline, and says what was unreachable and why.
 
 * ``delay()`` on a connection that went silent (no RST: the proxy forwards nothing and
   closes nothing) raises ``BrokerConnectionError`` within ``broker_publish_timeout``, not
@@ -6,6 +6,8 @@
 * Connecting to an address that accepts and then never answers fails within
   ``broker_connection_timeout`` with a message that says so (it used to end in an empty
   string: a bare ``TimeoutError()``).
+* ``get(timeout=...)`` while Redis is out of reach times out saying the result store was
+  unreachable, and why, not only that no result came.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from anyio.abc import SocketStream
 
 from aioqueue.brokers.amqp import AmqpBroker
 from aioqueue.config import Queue, Settings
-from aioqueue.exceptions import BrokerConnectionError
+from aioqueue.exceptions import BrokerConnectionError, TimeoutError
+from aioqueue.results.redis import RedisResultStore
 from aioqueue.protocol import encode_task, new_task_id
 
 from ..integration.conftest import delete_queues
@@ -87,3 +90,24 @@ async def test_connecting_to_an_address_that_never_answers_says_so(
     assert waited < 5
     assert message.endswith("no answer within 0.5 s (broker_connection_timeout)"), message
     assert "secret" not in message
+
+
+async def test_a_result_wait_while_redis_is_out_of_reach_says_so(
+    unique: str, figures: dict[str, Any]
+) -> None:
+    settings = Settings()
+    settings.result_backend_transport_options = {
+        "retry_policy": {"max_retries": None, "interval_start": 0.05, "interval_step": 0.05,
+                         "interval_max": 0.2}}
+    async with tcp_proxy(6379) as proxy:
+        async with RedisResultStore(f"redis://127.0.0.1:{proxy.port}/12", settings) as store:
+            with pytest.raises(TimeoutError):  # the listener is up: a plain timeout
+                await store.wait(f"{unique}-1", 0.2)
+            proxy.pause()
+            await proxy.cut()
+            with pytest.raises(TimeoutError) as raised:
+                await store.wait(f"{unique}-2", 1.0)
+            proxy.resume()
+    message = str(raised.value)
+    figures.update(wait_s=1.0)
+    assert "the result store was unreachable" in message, message
