@@ -122,9 +122,9 @@ class AmqpBroker(Broker):
                 except Exception as close_exc:
                     logger.debug("closing a failed AMQP connection: %s", close_exc)
             if isinstance(exc, Exception):
+                # The library's text may quote the URL too: the whole message is masked.
                 raise BrokerConnectionError(
-                    f"cannot connect to {mask_password(self.url)}: "
-                    f"{exc or type(exc).__name__}"
+                    mask_password(f"cannot connect to {self.url}: {exc or type(exc).__name__}")
                 ) from exc
             raise
         self._connection = connection
