@@ -11,12 +11,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
 from .exceptions import ConfigurationError
+from .registry import mask_password
 
 __all__ = ("QUEUE_TYPES", "Queue", "Settings")
 
@@ -132,14 +134,14 @@ def _seconds(value: Any, name: str) -> float | None:
         return value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(
-            f"{name} must be a number of seconds or a timedelta, got {value!r}"
+            f"{name} must be a number of seconds or a timedelta, got {_shown(value)}"
         )
     return float(value)
 
 
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigurationError(f"{name} must be a positive integer, got {_shown(value)}")
     return value
 
 
@@ -147,11 +149,42 @@ def _string_list(value: Any, name: str) -> list[str]:
     if isinstance(value, str):
         return [value]
     if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
-        raise ConfigurationError(f"{name} must be a list of strings, got {value!r}")
+        raise ConfigurationError(f"{name} must be a list of strings, got {_shown(value)}")
     return list(value)
 
 
-@dataclass(slots=True)
+#: What a censored view hides: settings and option keys whose name matches (Celery's rule);
+#: the passwords and tokens of URLs are masked wherever they appear (``mask_password``).
+SECRET_NAME = re.compile(r"API|TOKEN|KEY|SECRET|PASS|PROFANITIES_LIST|SIGNATURE|DATABASE", re.I)
+MASK = "********"
+
+
+def censor(value: Any, name: str = "") -> Any:
+    """``value`` safe to print: secret-named entries masked, URLs without passwords.
+
+    Looks into dicts (by key), lists, tuples and sets; a secret ``name`` masks the whole
+    value unless it is None.
+    """
+    if name and value is not None and SECRET_NAME.search(name):
+        return MASK
+    if isinstance(value, str):
+        return mask_password(value)
+    if isinstance(value, Mapping):
+        return {k: censor(v, k if isinstance(k, str) else "") for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return type(value)(censor(v) for v in value)
+    return value
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for error messages, with its secrets masked."""
+    try:
+        return repr(censor(value))
+    except Exception:
+        return mask_password(value)
+
+
+@dataclass(slots=True, repr=False)
 class Settings:
     """``app.conf``: every setting aioqueue reads, with Celery's names and defaults.
 
@@ -277,7 +310,42 @@ class Settings:
         return self.task_default_routing_key or self.task_default_queue
 
     def as_dict(self) -> dict[str, Any]:
+        """Every implemented setting's real value, secrets included: for code, not for print."""
         return {name: getattr(self, name) for name in sorted(_FIELD_NAMES)}
+
+    def table(self, with_defaults: bool = False, censored: bool = True) -> dict[str, Any]:
+        """The settings as a dict, as Celery's ``app.conf.table()``.
+
+        ``with_defaults=False``: only the settings changed from their defaults (and every
+        accepted Celery setting aioqueue does not implement). ``censored=True``: secrets
+        masked as ``censor`` does; pass ``censored=False`` only to see them.
+        """
+        defaults = Settings() if not with_defaults else None
+        table: dict[str, Any] = {}
+        for name in sorted(_FIELD_NAMES):
+            value = getattr(self, name)
+            if defaults is not None and value == getattr(defaults, name):
+                continue
+            table[name] = value
+        table.update(sorted(self.unsupported.items()))
+        if censored:
+            return {name: censor(value, name) for name, value in table.items()}
+        return table
+
+    def humanize(self, with_defaults: bool = False, censored: bool = True) -> str:
+        """``table()`` as text, one ``name: value`` line a setting, as Celery's ``humanize()``."""
+        table = self.table(with_defaults=with_defaults, censored=censored)
+        return "\n".join(f"{name}: {value!r}" for name, value in table.items())
+
+    def __repr__(self) -> str:
+        shown = [
+            f"{f.name}={censor(getattr(self, f.name), f.name)!r}"
+            for f in fields(self)
+            if f.name != "unsupported"
+        ]
+        if self.unsupported:
+            shown.append(f"unsupported={censor(self.unsupported)!r}")
+        return f"Settings({', '.join(shown)})"
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Settings)) - {"unsupported"}
@@ -293,7 +361,7 @@ def _unknown(name: str) -> ConfigurationError:
 
 def _check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+        raise ConfigurationError(f"{name} must be True or False, got {_shown(value)}")
     return value
 
 
@@ -301,7 +369,9 @@ def _optional_int(value: Any, name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{name} must be a non-negative integer or None, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be a non-negative integer or None, got {_shown(value)}"
+        )
     return value
 
 
@@ -331,38 +401,38 @@ def _as_queue(value: Any, name: str) -> Queue:
             queue_arguments=dict(getattr(value, "queue_arguments", None) or {}),
         )
     raise ConfigurationError(
-        f"{name} must hold aioqueue.Queue objects, kombu Queues or queue names; got {value!r}"
+        f"{name} must hold aioqueue.Queue objects, kombu Queues or queue names; got {_shown(value)}"
     )
 
 
 def _optional_str(value: Any, name: str) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise ConfigurationError(f"{name} must be a string or None, got {value!r}")
+        raise ConfigurationError(f"{name} must be a string or None, got {_shown(value)}")
     return value
 
 
 def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, got {_shown(value)}")
     return str(value)
 
 
 def _optional_queue_name(value: Any, name: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigurationError(f"{name} must be a queue name or None, got {value!r}")
+        raise ConfigurationError(f"{name} must be a queue name or None, got {_shown(value)}")
     return value
 
 
 def _non_negative_seconds(value: Any, name: str) -> float | None:
     seconds = _seconds(value, name)
     if seconds is not None and seconds < 0:
-        raise ConfigurationError(f"{name} must not be negative, got {value!r}")
+        raise ConfigurationError(f"{name} must not be negative, got {_shown(value)}")
     return seconds
 
 
 def _str(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise ConfigurationError(f"{name} must be a string, got {value!r}")
+        raise ConfigurationError(f"{name} must be a string, got {_shown(value)}")
     return value
 
 
@@ -371,7 +441,7 @@ def _serializer(value: Any, name: str) -> str:
 
     if value not in SERIALIZERS:
         raise ConfigurationError(
-            f"{name} must be one of {', '.join(sorted(SERIALIZERS))}, got {value!r}"
+            f"{name} must be one of {', '.join(sorted(SERIALIZERS))}, got {_shown(value)}"
         )
     return str(value)
 
@@ -393,14 +463,14 @@ def _routes(value: Any, name: str) -> Any:
     routers = value if isinstance(value, list | tuple) else [value]
     if value is not None and not all(isinstance(r, Mapping) or callable(r) for r in routers):
         raise ConfigurationError(
-            f"{name} must be a dict, a callable, or a list of them, got {value!r}"
+            f"{name} must be a dict, a callable, or a list of them, got {_shown(value)}"
         )
     return value
 
 
 def _dict(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigurationError(f"{name} must be a dict, got {value!r}")
+        raise ConfigurationError(f"{name} must be a dict, got {_shown(value)}")
     return dict(value)
 
 

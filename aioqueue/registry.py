@@ -7,9 +7,10 @@ entry-point groups (``name = "package.module:Class"``).
 from __future__ import annotations
 
 import importlib
+import re
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .exceptions import ConfigurationError
 
@@ -66,11 +67,35 @@ def result_store_class(url: str) -> type[ResultStore]:
     return cls
 
 
-def mask_password(url: str) -> str:
-    """The URL with its password replaced by ``**``, for banners and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:**@{netloc[-1]}"))
+# scheme://user:password@  or  scheme://token@ : the user-info of every URL in a text. The
+# password may hold '@' and ';' (the last '@' before the path wins); ';' or whitespace ends
+# a user name, so Celery's failover lists ("amqp://u:p@h1//;amqp://u:p@h2//") mask each URL.
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/?#\s;]*)(?::(?P<password>[^/?#\s]*))?@"
+)
+# ?password=... / &api_key=... : query parameters whose name says they hold a secret.
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&][^=&#\s]*(?:pass|secret|token|key|api|signature)[^=&#\s]*=)[^&#\s;]*",
+    re.IGNORECASE,
+)
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    scheme, user, password = match.group("scheme", "user", "password")
+    if password is None:  # scheme://token@host: the user-info alone may be the secret
+        return f"{scheme}**@" if user else match.group(0)
+    return f"{scheme}{user}:**@"
+
+
+def mask_password(url: object) -> str:
+    """The text with every URL's password, token or secret query parameter as ``**``.
+
+    For banners, logs and exception texts. Takes one URL, a ``;``-separated failover list or
+    any text holding URLs, and never raises: anything else is masked as its ``str()``.
+    """
+    try:
+        text = url if isinstance(url, str) else str(url)
+    except Exception:
+        return f"<unprintable {type(url).__name__}>"
+    text = _USERINFO.sub(_mask_userinfo, text)
+    return _SECRET_QUERY.sub(lambda m: m.group("name") + "**", text)

@@ -22,6 +22,7 @@ from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 from .exceptions import ConfigurationError
+from .registry import mask_password
 
 __all__ = (
     "MIN_POLL_INTERVAL",
@@ -51,8 +52,9 @@ def database_path(url: str) -> str:
     path = rest.partition("?")[0]
     if not sep or not path.startswith("/") or path in ("/", "/:memory:"):
         raise ConfigurationError(
-            f"{url!r} is not a SQLite file URL; write sqlite:///relative/path.db or "
-            "sqlite:////absolute/path.db (an in-memory database cannot be shared; use memory://)"
+            f"{mask_password(repr(url))} is not a SQLite file URL; write "
+            "sqlite:///relative/path.db or sqlite:////absolute/path.db (an in-memory database "
+            "cannot be shared; use memory://)"
         )
     return os.path.abspath(path[1:])
 

@@ -169,14 +169,14 @@ class RedisResultStore(ResultStore):
                 pool.make_connection()  # type: ignore[no-untyped-call]  # no I/O; checks options
             except (TypeError, ValueError) as exc:
                 raise ConfigurationError(
-                    f"invalid redis result backend URL {mask_password(self.url)!r}: {exc}"
+                    mask_password(f"invalid redis result backend URL {self.url!r}: {exc}")
                 ) from exc
             if self.fast_paths:
                 try:
                     self._wire = wire_params(pool.connection_class, pool.connection_kwargs)
                 except (OSError, ValueError, KeyError) as exc:  # TLS files and options
                     raise ConfigurationError(
-                        f"invalid TLS options in {mask_password(self.url)!r}: {exc!r}"
+                        mask_password(f"invalid TLS options in {self.url!r}: {exc!r}")
                     ) from exc
                 if self._wire is None:
                     logger.info("redis result store: the connection options of %s need "

@@ -22,8 +22,8 @@ from anyio.abc import SocketStream
 from aioqueue.brokers.amqp import AmqpBroker
 from aioqueue.config import Queue, Settings
 from aioqueue.exceptions import BrokerConnectionError, TimeoutError
-from aioqueue.results.redis import RedisResultStore
 from aioqueue.protocol import encode_task, new_task_id
+from aioqueue.results.redis import RedisResultStore
 
 from ..integration.conftest import delete_queues
 from .proxy import tcp_proxy

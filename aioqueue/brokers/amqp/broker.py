@@ -124,8 +124,9 @@ class AmqpBroker(Broker):
             if isinstance(exc, Exception):
                 why = (f"no answer within {self._timeout:g} s (broker_connection_timeout)"
                        if isinstance(exc, TimeoutError) else reason(exc))
+                # The library's text may quote the URL too: the whole message is masked.
                 raise BrokerConnectionError(
-                    f"cannot connect to the broker at {mask_password(self.url)}: {why}"
+                    mask_password(f"cannot connect to the broker at {self.url}: {why}")
                 ) from exc
             raise
         self._connection = connection
