@@ -231,7 +231,6 @@ class Settings:
     worker_concurrency: int = 100
     worker_prefetch_multiplier: int = 4
     worker_shutdown_timeout: float = 10.0
-    worker_max_decompressed_size: int = 64 * 1024 * 1024  # a compressed body's most, inflated
     # aioqueue's own wire code on its own connections (docs/design.md, "What we rely on in
     # our dependencies"); False: the dependencies' public API only.
     fast_paths: bool = field(default_factory=lambda: fast_paths_default)
@@ -504,7 +503,6 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "broker_delay_threshold": _non_negative_seconds,
     "task_acks_late": _check_bool,
     "fast_paths": _check_bool,
-    "worker_max_decompressed_size": _positive_int,
     "task_ignore_result": _check_bool,
     "task_track_started": _check_bool,
     "task_time_limit": _seconds,

@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any
 
 from .exceptions import MessageError
-from .serialization import MAX_DECOMPRESSED_SIZE, compress, decompress, dumps, loads
+from .serialization import compress, decompress, dumps, loads
 
 __all__ = (
     "Envelope",
@@ -238,19 +238,15 @@ def _v1_to_v2(body: Any) -> tuple[dict[str, Any], list[Any]]:
     return headers, [body.get("args") or [], body.get("kwargs") or {}, embed]
 
 
-def decode_task(
-    envelope: Envelope, accept: frozenset[str] | None = None,
-    max_decompressed: int = MAX_DECOMPRESSED_SIZE,
-) -> TaskMessage:
-    """Decode and validate a task message; raises ``MessageError``/``SerializationError``
-    (also for a compressed body that inflates past ``max_decompressed`` bytes)."""
+def decode_task(envelope: Envelope, accept: frozenset[str] | None = None) -> TaskMessage:
+    """Decode and validate a task message; raises ``MessageError``/``SerializationError``."""
     headers = envelope.headers if isinstance(envelope.headers, dict) else {}
     data = envelope.body
     compression = headers.get("compression")
     if compression is not None:
         if not isinstance(compression, str):
             raise MessageError(f"header 'compression' must be a string, got {compression!r}")
-        data = decompress(data, compression, max_decompressed)
+        data = decompress(data, compression)
     body = loads(data, envelope.content_type, accept)
     if "task" not in headers:
         headers, body = _v1_to_v2(body)

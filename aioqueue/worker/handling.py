@@ -65,7 +65,6 @@ class MessageHandling:
     hostname: str
     queues: list[str]
     accept: frozenset[str]
-    max_decompressed: int  # worker_max_decompressed_size
     revoked: Revoked
     running: int  # messages being handled right now
     _idle: anyio.Event  # set when the last one ends after stop()
@@ -137,7 +136,7 @@ class MessageHandling:
         """
         envelope = delivery.envelope
         try:
-            message = decode_task(envelope, self.accept, self.max_decompressed)
+            message = decode_task(envelope, self.accept)
         except AioQueueError as exc:
             headers = envelope.headers
             task_id = headers.get("id") if isinstance(headers, dict) else None

@@ -71,7 +71,6 @@ class Worker(MessageHandling):
             shutdown_timeout if shutdown_timeout is not None else conf.worker_shutdown_timeout
         )
         self.accept = accepted_types(conf.accept_content)
-        self.max_decompressed = conf.worker_max_decompressed_size
         self.started = anyio.Event()
         self.running = 0  # tasks being handled right now
         self._started = 0  # deliveries handed to a handler, ever
