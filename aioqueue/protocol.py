@@ -18,6 +18,8 @@ from .serialization import compress, decompress, dumps, loads
 
 __all__ = (
     "Envelope",
+    "MessageLimits",
+    "MessageTooLarge",
     "TaskMessage",
     "decode_task",
     "encode_task",
@@ -56,6 +58,78 @@ class Envelope:
     priority: int | None = None
     delivery_mode: int = 2
     expiration: str | None = None  # milliseconds, as a decimal string (AMQP per-message TTL)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """What one message may make the worker allocate (the ``worker_max_*`` settings)."""
+
+    message_size: int = 64 << 20  # body bytes as received
+    decompressed_size: int = 64 << 20  # body bytes after the ``compression`` header's codec
+    header_count: int = 256  # entries of the header table, nested tables and lists included
+    header_size: int = 1 << 20  # bytes of the header table's keys and values
+    body_depth: int = 64  # nesting of lists and dicts in the decoded body
+
+    @classmethod
+    def from_conf(cls, conf: Any) -> MessageLimits:
+        return cls(
+            conf.worker_max_message_size, conf.worker_max_decompressed_size,
+            conf.worker_max_header_count, conf.worker_max_header_size,
+            conf.worker_max_body_depth,
+        )
+
+
+_CONTAINERS = (list, dict, tuple)
+
+
+class MessageTooLarge(MessageError):
+    """A message crosses one of ``MessageLimits``; the message names the setting."""
+
+
+def _check_headers(headers: dict[str, Any], limits: MessageLimits) -> None:
+    """Count the header table's entries and bytes, nested ones too, without recursion."""
+    count = len(headers)
+    if count > limits.header_count:
+        raise MessageTooLarge(
+            f"{count} headers exceed worker_max_header_count ({limits.header_count})"
+        )
+    size = 0
+    stack: list[Any] = [headers]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else ((None, v) for v in node)
+        for key, value in items:
+            if key is not None:
+                size += len(key) if isinstance(key, str | bytes) else 8
+            if isinstance(value, str | bytes | bytearray):
+                size += len(value)
+            elif isinstance(value, dict | list | tuple):
+                count += len(value)
+                if count > limits.header_count:
+                    raise MessageTooLarge(
+                        f"more than {limits.header_count} header entries (nested ones "
+                        "included) exceed worker_max_header_count"
+                    )
+                stack.append(value)
+            else:
+                size += 8
+        if size > limits.header_size:
+            raise MessageTooLarge(
+                f"header table of more than {limits.header_size} bytes exceeds "
+                "worker_max_header_size"
+            )
+
+
+def _check_depth(body: Any, limit: int) -> None:
+    """Refuse a body nested deeper than ``limit`` lists/dicts (no recursion, scalars skipped)."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise MessageTooLarge(f"body nested deeper than worker_max_body_depth ({limit})")
+        for value in node.values() if isinstance(node, dict) else node:
+            if isinstance(value, _CONTAINERS):
+                stack.append((value, depth + 1))
 
 
 @dataclass(slots=True)
@@ -238,16 +312,35 @@ def _v1_to_v2(body: Any) -> tuple[dict[str, Any], list[Any]]:
     return headers, [body.get("args") or [], body.get("kwargs") or {}, embed]
 
 
-def decode_task(envelope: Envelope, accept: frozenset[str] | None = None) -> TaskMessage:
-    """Decode and validate a task message; raises ``MessageError``/``SerializationError``."""
+def decode_task(
+    envelope: Envelope,
+    accept: frozenset[str] | None = None,
+    limits: MessageLimits | None = None,
+) -> TaskMessage:
+    """Decode and validate a task message; raises ``MessageError``/``SerializationError``.
+
+    With ``limits`` (the worker passes them), sizes are checked before anything else is
+    allocated: the body as received, then the header table, then the body as it inflates,
+    then the nesting of the decoded body. Crossing one raises ``MessageTooLarge`` or
+    ``DecompressedTooLarge``.
+    """
     headers = envelope.headers if isinstance(envelope.headers, dict) else {}
     data = envelope.body
+    if limits is not None:
+        if len(data) > limits.message_size:
+            raise MessageTooLarge(
+                f"body of {len(data)} bytes exceeds worker_max_message_size "
+                f"({limits.message_size})"
+            )
+        _check_headers(headers, limits)
     compression = headers.get("compression")
     if compression is not None:
         if not isinstance(compression, str):
             raise MessageError(f"header 'compression' must be a string, got {compression!r}")
-        data = decompress(data, compression)
+        data = decompress(data, compression, None if limits is None else limits.decompressed_size)
     body = loads(data, envelope.content_type, accept)
+    if limits is not None and isinstance(body, _CONTAINERS):
+        _check_depth(body, limits.body_depth)
     if "task" not in headers:
         headers, body = _v1_to_v2(body)
     task = headers.get("task")

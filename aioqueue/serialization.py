@@ -26,6 +26,7 @@ from .exceptions import ContentDisallowed, SerializationError
 
 __all__ = (
     "SERIALIZERS",
+    "DecompressedTooLarge",
     "Serializer",
     "accepted_types",
     "compress",
@@ -253,14 +254,54 @@ def compress(data: bytes, method: str) -> tuple[bytes, str]:
     return pack(data), mime
 
 
-def decompress(data: bytes, mime: str) -> bytes:
-    """Undo ``compress`` given the ``compression`` header's MIME type (or method name)."""
+class DecompressedTooLarge(SerializationError):
+    """A compressed body inflates past the limit it was given (a decompression bomb)."""
+
+
+# Streaming decompressors: ``decompress(data, max_length)`` stops after ``max_length`` bytes
+# of output, so a bomb costs about the limit, not what it would inflate to.
+_STREAMING: dict[Callable[[bytes], bytes], Callable[[], Any]] = {
+    zlib.decompress: lambda: zlib.decompressobj(32 + zlib.MAX_WBITS),  # zlib or gzip framing
+    bz2.decompress: bz2.BZ2Decompressor,
+    lzma.decompress: lzma.LZMADecompressor,
+}
+
+
+def _bounded_decompress(unpack: Callable[[bytes], bytes], data: bytes, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:  # a stream may hold several members (gzip, bzip2, xz), as the one-shot calls read
+        decompressor = _STREAMING[unpack]()
+        chunk: bytes = decompressor.decompress(data, limit - total + 1)
+        total += len(chunk)
+        if total > limit:
+            raise DecompressedTooLarge(
+                f"body inflates past worker_max_decompressed_size ({limit} bytes)"
+            )
+        parts.append(chunk)
+        if not decompressor.eof:
+            raise SerializationError("compressed data ended before the end of the stream")
+        data = decompressor.unused_data
+        if not data:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def decompress(data: bytes, mime: str, limit: int | None = None) -> bytes:
+    """Undo ``compress`` given the ``compression`` header's MIME type (or method name).
+
+    With ``limit``, the output is inflated in one streaming pass that stops once it exceeds
+    ``limit`` bytes (``DecompressedTooLarge``), having allocated about ``limit`` bytes.
+    """
     unpack = _DECOMPRESSORS.get(mime) or (_COMPRESSORS[mime][2] if mime in _COMPRESSORS else None)
     if unpack is None:
         raise SerializationError(f"unknown compression {mime!r}")
     try:
+        if limit is not None:
+            return _bounded_decompress(unpack, data, limit)
         if unpack is zlib.decompress and data[:2] == b"\x1f\x8b":
             return gzip.decompress(data)
         return unpack(data)
+    except SerializationError:
+        raise
     except Exception as exc:
         raise SerializationError(f"cannot decompress body ({mime}): {exc}") from exc
