@@ -189,6 +189,7 @@ async def test_oversized_messages_are_dead_lettered_without_delaying_the_others(
             letters = await dead_letters(app, len(bombs) * 2)
             for envelope in bombs:
                 assert await store.get(envelope.headers["id"]) is None  # as undecodable ones
+    print(f"30 ordinary tasks among 6 oversized messages: done in {took * 1000:.0f} ms")
     assert took < 5
     assert sorted(e.headers["id"] for e in letters) == sorted(
         e.headers["id"] for e in bombs * 2)
