@@ -100,6 +100,11 @@ def test_header_count_and_size() -> None:
     with pytest.raises(MessageTooLarge, match="worker_max_header_size"):
         decode_task(task_envelope(body, big=[b"y" * (600 << 10), "z" * (600 << 10)]),
                     limits=LIMITS)
+    with pytest.raises(MessageTooLarge, match="worker_max_header_size"):
+        decode_task(task_envelope(body, a=b"y" * (600 << 10), b={"k": "z" * (600 << 10)}),
+                    limits=LIMITS)
+    # What Celery sends passes, nested entries included.
+    decode_task(encode_task(task="t.add", task_id="i", args=[1], kwargs={}), limits=LIMITS)
 
 
 def test_body_depth() -> None:
