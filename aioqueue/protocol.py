@@ -352,19 +352,20 @@ def decode_task(
     ``DecompressedTooLarge``.
     """
     headers = envelope.headers if isinstance(envelope.headers, dict) else {}
-    data = envelope.body
+    raw = envelope.body
     if limits is not None:
-        if len(data) > limits.message_size:
+        if len(raw) > limits.message_size:
             raise MessageTooLarge(
-                f"body of {len(data)} bytes exceeds worker_max_message_size "
+                f"body of {len(raw)} bytes exceeds worker_max_message_size "
                 f"({limits.message_size})"
             )
         _check_headers(headers, limits)
+    data: bytes | bytearray = raw
     compression = headers.get("compression")
     if compression is not None:
         if not isinstance(compression, str):
             raise MessageError(f"header 'compression' must be a string, got {compression!r}")
-        data = decompress(data, compression, None if limits is None else limits.decompressed_size)
+        data = decompress(raw, compression, None if limits is None else limits.decompressed_size)
     body = loads(data, envelope.content_type, accept)
     if (limits is not None and isinstance(body, _CONTAINERS)
             # JSON nests no deeper than it has brackets: most bodies need no walk

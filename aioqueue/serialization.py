@@ -129,7 +129,7 @@ def _unwrap(value: Any) -> Any:
 _LONG_DIGITS = re.compile(rb"\d{19}")
 
 
-def _json_loads(data: bytes) -> Any:
+def _json_loads(data: bytes | bytearray) -> Any:
     if _LONG_DIGITS.search(data) is not None:
         value = json.loads(data)
     else:
@@ -148,7 +148,7 @@ def _msgpack_dumps(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def _msgpack_loads(data: bytes) -> Any:
+def _msgpack_loads(data: bytes | bytearray) -> Any:
     import msgpack
 
     return msgpack.unpackb(data, raw=False)
@@ -160,7 +160,7 @@ def _pickle_dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _pickle_loads(data: bytes) -> Any:
+def _pickle_loads(data: bytes | bytearray) -> Any:
     import pickle
 
     return pickle.loads(data)
@@ -172,7 +172,7 @@ class Serializer:
     content_type: str
     content_encoding: str
     dumps: Callable[[Any], bytes]
-    loads: Callable[[bytes], Any]
+    loads: Callable[[bytes | bytearray], Any]
 
 
 SERIALIZERS: dict[str, Serializer] = {
@@ -216,7 +216,7 @@ def dumps(obj: Any, serializer: str = "json") -> tuple[bytes, str, str]:
         raise SerializationError(f"cannot serialize with {serializer}: {exc}") from exc
 
 
-def loads(data: bytes, content_type: str, accept: frozenset[str] | None = None) -> Any:
+def loads(data: bytes | bytearray, content_type: str, accept: frozenset[str] | None = None) -> Any:
     """Deserialize a body of ``content_type``; refuses types outside ``accept``."""
     if accept is not None and content_type not in accept:
         raise ContentDisallowed(
@@ -267,30 +267,48 @@ _STREAMING: dict[Callable[[bytes], bytes], Callable[[], Any]] = {
 }
 
 
-def _bounded_decompress(unpack: Callable[[bytes], bytes], data: bytes, limit: int) -> bytes:
-    parts: list[bytes] = []
-    total = 0
+_STEP = 1 << 20  # output per call: a bomb is stopped within the limit, not a block past it
+
+
+def _bounded_decompress(
+    unpack: Callable[[bytes], bytes], data: bytes, limit: int
+) -> bytes | bytearray:
+    """Inflate into one growing buffer, a MiB at a time, and stop once it exceeds ``limit``:
+    a bomb costs about ``limit`` bytes. The buffer is returned as is (every ``loads`` reads a
+    bytearray), so a body near the limit is not copied once more at the end."""
+    out = bytearray()
+    zlib_framing = unpack is zlib.decompress
     while True:  # a stream may hold several members (gzip, bzip2, xz), as the one-shot calls read
         decompressor = _STREAMING[unpack]()
-        chunk: bytes = decompressor.decompress(data, limit - total + 1)
-        total += len(chunk)
-        if total > limit:
-            raise DecompressedTooLarge(
-                f"body inflates past worker_max_decompressed_size ({limit} bytes)"
-            )
-        parts.append(chunk)
-        if not decompressor.eof:
-            raise SerializationError("compressed data ended before the end of the stream")
+        chunk: bytes = decompressor.decompress(data, min(_STEP, limit - len(out) + 1))
+        while True:
+            out += chunk
+            if len(out) > limit:
+                raise DecompressedTooLarge(
+                    f"body inflates past worker_max_decompressed_size ({limit} bytes)"
+                )
+            if decompressor.eof:
+                break
+            if zlib_framing:  # input left over when max_length stopped it
+                pending = decompressor.unconsumed_tail
+                if not pending and not chunk:
+                    raise SerializationError("compressed data ended before the end of the stream")
+            else:
+                if decompressor.needs_input:
+                    raise SerializationError("compressed data ended before the end of the stream")
+                pending = b""
+            chunk = decompressor.decompress(pending, min(_STEP, limit - len(out) + 1))
         data = decompressor.unused_data
         if not data:
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return out
 
 
-def decompress(data: bytes, mime: str, limit: int | None = None) -> bytes:
+def decompress(data: bytes, mime: str, limit: int | None = None) -> bytes | bytearray:
     """Undo ``compress`` given the ``compression`` header's MIME type (or method name).
 
     With ``limit``, the output is inflated in one streaming pass that stops once it exceeds
-    ``limit`` bytes (``DecompressedTooLarge``), having allocated about ``limit`` bytes.
+    ``limit`` bytes (``DecompressedTooLarge``), having allocated about ``limit`` bytes; it
+    returns a bytearray then.
     """
     unpack = _DECOMPRESSORS.get(mime) or (_COMPRESSORS[mime][2] if mime in _COMPRESSORS else None)
     if unpack is None:

@@ -155,4 +155,5 @@ def test_gzip_bomb_costs_about_the_limit_not_a_gibibyte() -> None:
     print(f"bomb {size} bytes rejected in {took * 1000:.0f} ms, peak RSS +{grew_kib >> 10} MiB")
     assert size < 2 << 20
     assert took < 5
-    assert grew_kib < 200 << 10  # far less than the 1 GiB it inflates to
+    # About the 64 MiB limit (one buffer, no copy of it), far less than the 1 GiB it inflates to.
+    assert grew_kib < 100 << 10
