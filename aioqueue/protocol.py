@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any
 
 from .exceptions import MessageError
-from .serialization import compress, decompress, dumps, loads
+from .serialization import check_accepted, compress, decompress, dumps, loads
 
 __all__ = (
     "Envelope",
@@ -365,6 +365,7 @@ def decode_task(
     if compression is not None:
         if not isinstance(compression, str):
             raise MessageError(f"header 'compression' must be a string, got {compression!r}")
+        check_accepted(envelope.content_type, accept)  # refused before it is inflated
         data = decompress(raw, compression, None if limits is None else limits.decompressed_size)
     body = loads(data, envelope.content_type, accept)
     if (limits is not None and isinstance(body, _CONTAINERS)

@@ -29,6 +29,7 @@ __all__ = (
     "DecompressedTooLarge",
     "Serializer",
     "accepted_types",
+    "check_accepted",
     "compress",
     "decompress",
     "dumps",
@@ -216,13 +217,18 @@ def dumps(obj: Any, serializer: str = "json") -> tuple[bytes, str, str]:
         raise SerializationError(f"cannot serialize with {serializer}: {exc}") from exc
 
 
-def loads(data: bytes | bytearray, content_type: str, accept: frozenset[str] | None = None) -> Any:
-    """Deserialize a body of ``content_type``; refuses types outside ``accept``."""
+def check_accepted(content_type: str, accept: frozenset[str] | None) -> None:
+    """Raise ``ContentDisallowed`` for a content type outside ``accept`` (None: any)."""
     if accept is not None and content_type not in accept:
         raise ContentDisallowed(
             f"refusing content of type {content_type!r}; accept_content allows "
             f"{', '.join(sorted(accept))}"
         )
+
+
+def loads(data: bytes | bytearray, content_type: str, accept: frozenset[str] | None = None) -> Any:
+    """Deserialize a body of ``content_type``; refuses types outside ``accept``."""
+    check_accepted(content_type, accept)
     s = _BY_CONTENT_TYPE.get(content_type)
     if s is None:
         raise ContentDisallowed(f"no serializer for content type {content_type!r}")

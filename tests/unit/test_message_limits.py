@@ -70,6 +70,16 @@ def test_each_codec_stops_at_the_limit(compressor: object, method: str) -> None:
     assert decode_task(task_envelope(data, compression=mime), limits=LIMITS).args == ["x" * 5000]
 
 
+def test_disallowed_content_is_refused_before_it_is_inflated() -> None:
+    from aioqueue.exceptions import ContentDisallowed
+
+    envelope = task_envelope(gzip_bomb(64 << 20), compression="application/x-gzip")
+    envelope.content_type = "application/x-python-serialize"
+    with pytest.raises(ContentDisallowed):
+        decode_task(envelope, frozenset({"application/json"}),
+                    MessageLimits(decompressed_size=10))  # would be DecompressedTooLarge
+
+
 def test_gzip_framing_and_several_members() -> None:
     import gzip
 
