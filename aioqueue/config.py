@@ -231,6 +231,12 @@ class Settings:
     worker_concurrency: int = 100
     worker_prefetch_multiplier: int = 4
     worker_shutdown_timeout: float = 10.0
+    # What one message may make the worker allocate (docs/reliability.md, "Hostile input").
+    worker_max_message_size: int = 64 << 20  # body bytes as received
+    worker_max_decompressed_size: int = 64 << 20  # body bytes once inflated
+    worker_max_header_count: int = 256  # header entries, nested ones included
+    worker_max_header_size: int = 1 << 20  # bytes of header keys and values
+    worker_max_body_depth: int = 64  # nesting of lists/dicts in the decoded body
     # aioqueue's own wire code on its own connections (docs/design.md, "What we rely on in
     # our dependencies"); False: the dependencies' public API only.
     fast_paths: bool = field(default_factory=lambda: fast_paths_default)
@@ -514,6 +520,11 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "worker_concurrency": _positive_int,
     "worker_prefetch_multiplier": _positive_int,
     "worker_shutdown_timeout": _seconds,
+    "worker_max_message_size": _positive_int,
+    "worker_max_decompressed_size": _positive_int,
+    "worker_max_header_count": _positive_int,
+    "worker_max_header_size": _positive_int,
+    "worker_max_body_depth": _positive_int,
 }
 
 

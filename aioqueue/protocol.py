@@ -14,10 +14,12 @@ from functools import cache
 from typing import Any
 
 from .exceptions import MessageError
-from .serialization import compress, decompress, dumps, loads
+from .serialization import check_accepted, compress, decompress, dumps, loads
 
 __all__ = (
     "Envelope",
+    "MessageLimits",
+    "MessageTooLarge",
     "TaskMessage",
     "decode_task",
     "encode_task",
@@ -56,6 +58,105 @@ class Envelope:
     priority: int | None = None
     delivery_mode: int = 2
     expiration: str | None = None  # milliseconds, as a decimal string (AMQP per-message TTL)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """What one message may make the worker allocate (the ``worker_max_*`` settings)."""
+
+    message_size: int = 64 << 20  # body bytes as received
+    decompressed_size: int = 64 << 20  # body bytes after the ``compression`` header's codec
+    header_count: int = 256  # entries of the header table, nested tables and lists included
+    header_size: int = 1 << 20  # bytes of the header table's keys and values
+    body_depth: int = 64  # nesting of lists and dicts in the decoded body
+
+    @classmethod
+    def from_conf(cls, conf: Any) -> MessageLimits:
+        return cls(
+            conf.worker_max_message_size, conf.worker_max_decompressed_size,
+            conf.worker_max_header_count, conf.worker_max_header_size,
+            conf.worker_max_body_depth,
+        )
+
+
+_CONTAINERS = (list, dict, tuple)
+_STRINGS = (str, bytes, bytearray)
+_BYTES = (bytes, bytearray)
+
+
+class MessageTooLarge(MessageError):
+    """A message crosses one of ``MessageLimits``; the message names the setting."""
+
+
+def _check_headers(headers: dict[str, Any], limits: MessageLimits) -> None:
+    """Count the header table's entries and bytes, nested ones too, without recursion.
+
+    One pass over the top level (about 20 entries from Celery, mostly str/None/int); only a
+    nested table or list takes the slower walk.
+    """
+    count = len(headers)
+    if count > limits.header_count:
+        raise MessageTooLarge(
+            f"{count} headers exceed worker_max_header_count ({limits.header_count})"
+        )
+    try:
+        size = sum(map(len, headers))  # the keys: str from every broker
+    except TypeError:
+        size = 8 * count
+    nested: list[Any] = []
+    for value in headers.values():
+        kind = type(value)
+        if kind is str:
+            size += len(value)
+        elif value is None or kind is int or kind is bool:
+            size += 8
+        elif kind is list or kind is dict or kind is tuple or kind is bytes or kind is bytearray:
+            if value:
+                nested.append(value)
+        else:
+            size += 8
+    while nested:
+        node = nested.pop()
+        if isinstance(node, _BYTES):
+            size += len(node)
+            continue
+        count += len(node)
+        if count > limits.header_count:
+            raise MessageTooLarge(
+                f"more than {limits.header_count} header entries (nested ones included) "
+                "exceed worker_max_header_count"
+            )
+        if type(node) is dict:
+            size += sum(len(k) if isinstance(k, _STRINGS) else 8 for k in node)
+            node = node.values()
+        for value in node:
+            if value is None:
+                size += 8
+            elif isinstance(value, _STRINGS):
+                size += len(value)
+            elif isinstance(value, _CONTAINERS):
+                nested.append(value)
+            else:
+                size += 8
+        if size > limits.header_size:
+            break
+    if size > limits.header_size:
+        raise MessageTooLarge(
+            f"header table of more than {limits.header_size} bytes exceeds "
+            "worker_max_header_size"
+        )
+
+
+def _check_depth(body: Any, limit: int) -> None:
+    """Refuse a body nested deeper than ``limit`` lists/dicts (no recursion, scalars skipped)."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise MessageTooLarge(f"body nested deeper than worker_max_body_depth ({limit})")
+        for value in node.values() if isinstance(node, dict) else node:
+            if isinstance(value, _CONTAINERS):
+                stack.append((value, depth + 1))
 
 
 @dataclass(slots=True)
@@ -238,16 +339,40 @@ def _v1_to_v2(body: Any) -> tuple[dict[str, Any], list[Any]]:
     return headers, [body.get("args") or [], body.get("kwargs") or {}, embed]
 
 
-def decode_task(envelope: Envelope, accept: frozenset[str] | None = None) -> TaskMessage:
-    """Decode and validate a task message; raises ``MessageError``/``SerializationError``."""
+def decode_task(
+    envelope: Envelope,
+    accept: frozenset[str] | None = None,
+    limits: MessageLimits | None = None,
+) -> TaskMessage:
+    """Decode and validate a task message; raises ``MessageError``/``SerializationError``.
+
+    With ``limits`` (the worker passes them), sizes are checked before anything else is
+    allocated: the body as received, then the header table, then the body as it inflates,
+    then the nesting of the decoded body. Crossing one raises ``MessageTooLarge`` or
+    ``DecompressedTooLarge``.
+    """
     headers = envelope.headers if isinstance(envelope.headers, dict) else {}
-    data = envelope.body
+    raw = envelope.body
+    if limits is not None:
+        if len(raw) > limits.message_size:
+            raise MessageTooLarge(
+                f"body of {len(raw)} bytes exceeds worker_max_message_size "
+                f"({limits.message_size})"
+            )
+        _check_headers(headers, limits)
+    data: bytes | bytearray = raw
     compression = headers.get("compression")
     if compression is not None:
         if not isinstance(compression, str):
             raise MessageError(f"header 'compression' must be a string, got {compression!r}")
-        data = decompress(data, compression)
+        check_accepted(envelope.content_type, accept)  # refused before it is inflated
+        data = decompress(raw, compression, None if limits is None else limits.decompressed_size)
     body = loads(data, envelope.content_type, accept)
+    if (limits is not None and isinstance(body, _CONTAINERS)
+            # JSON nests no deeper than it has brackets: most bodies need no walk
+            and (envelope.content_type != "application/json"
+                 or data.count(b"[") + data.count(b"{") > limits.body_depth)):
+        _check_depth(body, limits.body_depth)
     if "task" not in headers:
         headers, body = _v1_to_v2(body)
     task = headers.get("task")

@@ -26,8 +26,10 @@ from .exceptions import ContentDisallowed, SerializationError
 
 __all__ = (
     "SERIALIZERS",
+    "DecompressedTooLarge",
     "Serializer",
     "accepted_types",
+    "check_accepted",
     "compress",
     "decompress",
     "dumps",
@@ -128,7 +130,7 @@ def _unwrap(value: Any) -> Any:
 _LONG_DIGITS = re.compile(rb"\d{19}")
 
 
-def _json_loads(data: bytes) -> Any:
+def _json_loads(data: bytes | bytearray) -> Any:
     if _LONG_DIGITS.search(data) is not None:
         value = json.loads(data)
     else:
@@ -147,7 +149,7 @@ def _msgpack_dumps(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def _msgpack_loads(data: bytes) -> Any:
+def _msgpack_loads(data: bytes | bytearray) -> Any:
     import msgpack
 
     return msgpack.unpackb(data, raw=False)
@@ -159,7 +161,7 @@ def _pickle_dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _pickle_loads(data: bytes) -> Any:
+def _pickle_loads(data: bytes | bytearray) -> Any:
     import pickle
 
     return pickle.loads(data)
@@ -171,7 +173,7 @@ class Serializer:
     content_type: str
     content_encoding: str
     dumps: Callable[[Any], bytes]
-    loads: Callable[[bytes], Any]
+    loads: Callable[[bytes | bytearray], Any]
 
 
 SERIALIZERS: dict[str, Serializer] = {
@@ -215,13 +217,18 @@ def dumps(obj: Any, serializer: str = "json") -> tuple[bytes, str, str]:
         raise SerializationError(f"cannot serialize with {serializer}: {exc}") from exc
 
 
-def loads(data: bytes, content_type: str, accept: frozenset[str] | None = None) -> Any:
-    """Deserialize a body of ``content_type``; refuses types outside ``accept``."""
+def check_accepted(content_type: str, accept: frozenset[str] | None) -> None:
+    """Raise ``ContentDisallowed`` for a content type outside ``accept`` (None: any)."""
     if accept is not None and content_type not in accept:
         raise ContentDisallowed(
             f"refusing content of type {content_type!r}; accept_content allows "
             f"{', '.join(sorted(accept))}"
         )
+
+
+def loads(data: bytes | bytearray, content_type: str, accept: frozenset[str] | None = None) -> Any:
+    """Deserialize a body of ``content_type``; refuses types outside ``accept``."""
+    check_accepted(content_type, accept)
     s = _BY_CONTENT_TYPE.get(content_type)
     if s is None:
         raise ContentDisallowed(f"no serializer for content type {content_type!r}")
@@ -253,14 +260,72 @@ def compress(data: bytes, method: str) -> tuple[bytes, str]:
     return pack(data), mime
 
 
-def decompress(data: bytes, mime: str) -> bytes:
-    """Undo ``compress`` given the ``compression`` header's MIME type (or method name)."""
+class DecompressedTooLarge(SerializationError):
+    """A compressed body inflates past the limit it was given (a decompression bomb)."""
+
+
+# Streaming decompressors: ``decompress(data, max_length)`` stops after ``max_length`` bytes
+# of output, so a bomb costs about the limit, not what it would inflate to.
+_STREAMING: dict[Callable[[bytes], bytes], Callable[[], Any]] = {
+    zlib.decompress: lambda: zlib.decompressobj(32 + zlib.MAX_WBITS),  # zlib or gzip framing
+    bz2.decompress: bz2.BZ2Decompressor,
+    lzma.decompress: lzma.LZMADecompressor,
+}
+
+
+_STEP = 1 << 20  # output per call: a bomb is stopped within the limit, not a block past it
+
+
+def _bounded_decompress(
+    unpack: Callable[[bytes], bytes], data: bytes, limit: int
+) -> bytes | bytearray:
+    """Inflate into one growing buffer, a MiB at a time, and stop once it exceeds ``limit``:
+    a bomb costs about ``limit`` bytes. The buffer is returned as is (every ``loads`` reads a
+    bytearray), so a body near the limit is not copied once more at the end."""
+    out = bytearray()
+    zlib_framing = unpack is zlib.decompress
+    while True:  # a stream may hold several members (gzip, bzip2, xz), as the one-shot calls read
+        decompressor = _STREAMING[unpack]()
+        chunk: bytes = decompressor.decompress(data, min(_STEP, limit - len(out) + 1))
+        while True:
+            out += chunk
+            if len(out) > limit:
+                raise DecompressedTooLarge(
+                    f"body inflates past worker_max_decompressed_size ({limit} bytes)"
+                )
+            if decompressor.eof:
+                break
+            if zlib_framing:  # input left over when max_length stopped it
+                pending = decompressor.unconsumed_tail
+                if not pending and not chunk:
+                    raise SerializationError("compressed data ended before the end of the stream")
+            else:
+                if decompressor.needs_input:
+                    raise SerializationError("compressed data ended before the end of the stream")
+                pending = b""
+            chunk = decompressor.decompress(pending, min(_STEP, limit - len(out) + 1))
+        data = decompressor.unused_data
+        if not data:
+            return out
+
+
+def decompress(data: bytes, mime: str, limit: int | None = None) -> bytes | bytearray:
+    """Undo ``compress`` given the ``compression`` header's MIME type (or method name).
+
+    With ``limit``, the output is inflated in one streaming pass that stops once it exceeds
+    ``limit`` bytes (``DecompressedTooLarge``), having allocated about ``limit`` bytes; it
+    returns a bytearray then.
+    """
     unpack = _DECOMPRESSORS.get(mime) or (_COMPRESSORS[mime][2] if mime in _COMPRESSORS else None)
     if unpack is None:
         raise SerializationError(f"unknown compression {mime!r}")
     try:
+        if limit is not None:
+            return _bounded_decompress(unpack, data, limit)
         if unpack is zlib.decompress and data[:2] == b"\x1f\x8b":
             return gzip.decompress(data)
         return unpack(data)
+    except SerializationError:
+        raise
     except Exception as exc:
         raise SerializationError(f"cannot decompress body ({mime}): {exc}") from exc

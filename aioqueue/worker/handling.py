@@ -32,7 +32,7 @@ from ..exceptions import (
     TaskRevokedError,
 )
 from ..meta import exception_to_dict, make_meta
-from ..protocol import TaskMessage, decode_task
+from ..protocol import MessageLimits, TaskMessage, decode_task
 from ..task import Request, SendOptions
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class MessageHandling:
     hostname: str
     queues: list[str]
     accept: frozenset[str]
+    limits: MessageLimits
     revoked: Revoked
     running: int  # messages being handled right now
     _idle: anyio.Event  # set when the last one ends after stop()
@@ -136,7 +137,7 @@ class MessageHandling:
         """
         envelope = delivery.envelope
         try:
-            message = decode_task(envelope, self.accept)
+            message = decode_task(envelope, self.accept, self.limits)
         except AioQueueError as exc:
             headers = envelope.headers
             task_id = headers.get("id") if isinstance(headers, dict) else None

@@ -25,6 +25,7 @@ import anyio
 
 from .. import routing
 from ..control import ControlListener, Revoked
+from ..protocol import MessageLimits
 from ..serialization import accepted_types
 from .handling import MessageHandling
 
@@ -71,6 +72,7 @@ class Worker(MessageHandling):
             shutdown_timeout if shutdown_timeout is not None else conf.worker_shutdown_timeout
         )
         self.accept = accepted_types(conf.accept_content)
+        self.limits = MessageLimits.from_conf(conf)
         self.started = anyio.Event()
         self.running = 0  # tasks being handled right now
         self._started = 0  # deliveries handed to a handler, ever

@@ -3,7 +3,8 @@
 Every malformed message is rejected without requeue, so RabbitMQ dead-letters it to the
 queue's dead-letter queue; each rejection is logged; every good task completes; well-formed
 messages whose task raises (wrong arguments) end as FAILURE results and are acknowledged;
-the worker process never stops.
+the worker process never stops. Messages past the ``worker_max_*`` limits (a gzip bomb, an
+oversized header table) are rejected the same way, before they are inflated or decoded.
 
 Run: ``scripts/test tests/faults -v -k poison``.
 """
@@ -14,6 +15,7 @@ import bz2
 import gzip
 import signal
 import time
+import zlib
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -117,10 +119,28 @@ HUGE_SHAPES = [  # sent once each: 5 MB bodies
 ]
 
 
+
+def gzip_bomb(inflated: int) -> bytes:
+    """Zero bytes compressed a thousandfold, built a MiB at a time."""
+    packer = zlib.compressobj(9)
+    block = bytes(1 << 20)
+    return b"".join([packer.compress(block) for _ in range(inflated >> 20)] + [packer.flush()])
+
+
+def limit_shapes() -> list[tuple[str, bytes, dict[str, Any] | None, str | None, dict[str, Any]]]:
+    """Sent once each: what crosses the worker_max_* limits (docs/configuration.md)."""
+    return [
+        # ~1 MB that inflates to 1 GiB: refused past worker_max_decompressed_size (64 MiB)
+        shape("limits", gzip_bomb(1 << 30), headers(compression="application/x-gzip")),
+        # 300 headers, past worker_max_header_count (256); still fits one AMQP frame
+        shape("limits", BODY, headers(**{f"x-pad-{i}": i for i in range(300)})),
+    ]
+
+
 def malformed() -> list[tuple[str, str, aio_pika.Message]]:
     """(category, id, message) for every malformed message, in a fixed order."""
     messages = []
-    copies = [(s, COPIES) for s in SHAPES] + [(s, 1) for s in HUGE_SHAPES]
+    copies = [(s, COPIES) for s in SHAPES] + [(s, 1) for s in HUGE_SHAPES + limit_shapes()]
     for index, ((category, body, hdrs, content_type, properties), count) in enumerate(copies):
         for copy in range(count):
             bad_id = f"bad-{index}-{copy}-{category}"
@@ -206,6 +226,8 @@ async def test_poison_messages_are_dead_lettered(
     for _, bad_id, message in bad:
         if message.headers and isinstance(message.headers.get("id"), str):
             assert bad_id in log, f"rejection of {bad_id} not logged"
+    for limit in ("worker_max_decompressed_size", "worker_max_header_count"):
+        assert worker.count(limit) == 1, f"{limit}: not named in exactly one log line"
     runs = project.executions()
     assert all(runs[n] == 1 for n in range(GOOD))
     assert set(runs) == set(range(GOOD)) | {5000 + n for n in range(1, FAILING, 2)}

@@ -142,3 +142,60 @@ async def test_expired_task_is_revoked_not_run(app: AioQueue) -> None:
             await r.get(timeout=5)
     assert await r.state() == "REVOKED"
     assert not ran
+
+
+async def test_oversized_messages_are_dead_lettered_without_delaying_the_others(
+    app: AioQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gzip bomb (1 GiB from ~1 MB), an oversized body and header table mixed with
+    ordinary tasks: each bad one is rejected once, logged once with its id and the limit,
+    and every ordinary task completes promptly."""
+    import time
+
+    from .test_message_limits import gzip_bomb
+
+    with_dead_letters(app)
+    app.conf.worker_max_message_size = 4 << 20
+
+    @app.task(name="t.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    broker = await app.get_broker()
+    for spec in app.conf.task_queues or []:
+        await broker.declare(spec)
+    store = await app.get_result_store()
+    assert store is not None
+    bombs = [
+        Envelope(gzip_bomb(1 << 30), {"task": "t.add", "id": "bomb-1",
+                                     "compression": "application/x-gzip"}),
+        Envelope(b"[[1, 2], {}, {}]" + b" " * (5 << 20), {"task": "t.add", "id": "huge-2"}),
+        Envelope(b"[[1, 2], {}, {}]", {"task": "t.add", "id": "headers-3",
+                                       **{f"x-{i}": i for i in range(1000)}}),
+    ]
+    with caplog.at_level(logging.ERROR, logger="aioqueue"):
+        async with running_worker(app, concurrency=4, queues=["celery"]):
+            started = time.perf_counter()
+            for i, envelope in enumerate(bombs * 2):
+                for j in range(5):
+                    good = good_envelope("t.add", f"good-{i}-{j}", [i, j])
+                    await broker.publish(good, routing_key="celery")
+                await broker.publish(envelope, routing_key="celery")
+            for i in range(len(bombs) * 2):
+                for j in range(5):
+                    meta = await store.wait(f"good-{i}-{j}", timeout=5)
+                    assert meta["result"] == i + j
+            took = time.perf_counter() - started
+            letters = await dead_letters(app, len(bombs) * 2)
+            for envelope in bombs:
+                assert await store.get(envelope.headers["id"]) is None  # as undecodable ones
+    print(f"30 ordinary tasks among 6 oversized messages: done in {took * 1000:.0f} ms")
+    assert took < 5
+    assert sorted(e.headers["id"] for e in letters) == sorted(
+        e.headers["id"] for e in bombs * 2)
+    lines = [r.getMessage() for r in caplog.records if "Rejecting message" in r.getMessage()]
+    assert len(lines) == len(bombs) * 2
+    for name, limit in (("bomb-1", "worker_max_decompressed_size"),
+                        ("huge-2", "worker_max_message_size"),
+                        ("headers-3", "worker_max_header_count")):
+        assert sum(name in line and limit in line for line in lines) == 2, lines
