@@ -264,12 +264,15 @@ class DecompressedTooLarge(SerializationError):
     """A compressed body inflates past the limit it was given (a decompression bomb)."""
 
 
+_LZMA_MEMLIMIT = 128 * 1024 * 1024  # the most an lzma stream may ask for (xz -9 needs 64 MiB)
+
 # Streaming decompressors: ``decompress(data, max_length)`` stops after ``max_length`` bytes
 # of output, so a bomb costs about the limit, not what it would inflate to.
 _STREAMING: dict[Callable[[bytes], bytes], Callable[[], Any]] = {
     zlib.decompress: lambda: zlib.decompressobj(32 + zlib.MAX_WBITS),  # zlib or gzip framing
     bz2.decompress: bz2.BZ2Decompressor,
-    lzma.decompress: lzma.LZMADecompressor,
+    # Its window comes on top of the output: a hostile header could ask for 1.5 GiB.
+    lzma.decompress: lambda: lzma.LZMADecompressor(memlimit=_LZMA_MEMLIMIT),
 }
 
 

@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 from aioqueue import AioQueue
-from aioqueue.exceptions import ConfigurationError
+from aioqueue.exceptions import ConfigurationError, SerializationError
 from aioqueue.protocol import Envelope, MessageLimits, MessageTooLarge, decode_task, encode_task
 from aioqueue.serialization import DecompressedTooLarge, compress, decompress
 
@@ -167,3 +167,14 @@ def test_gzip_bomb_costs_about_the_limit_not_a_gibibyte() -> None:
     assert took < 5
     # About the 64 MiB limit (one buffer, no copy of it), far less than the 1 GiB it inflates to.
     assert grew_kib < 100 << 10
+
+
+def test_an_lzma_stream_may_not_ask_for_a_huge_window() -> None:
+    """An xz header can ask for a dictionary of up to 1.5 GiB, allocated before any output:
+    the decompressor's memory is capped, so such a message is refused, not obeyed."""
+    huge_window = lzma.compress(
+        b"x", format=lzma.FORMAT_XZ,
+        filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1536 * 1024 * 1024}],
+    )
+    with pytest.raises(SerializationError):
+        decompress(huge_window, "application/x-lzma", limit=1024)
