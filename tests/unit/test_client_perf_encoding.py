@@ -18,7 +18,6 @@ import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
 from decimal import Decimal
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -26,8 +25,8 @@ import pamqp.encode
 import pamqp.frame
 import pytest
 from aiormq.abc import ChannelFrame
-from aiormq.channel import Channel as AiormqChannel
 from pamqp import commands as spec
+from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from aioqueue.brokers.amqp.field_tables import encode_field_table
@@ -52,9 +51,8 @@ def aiormq_frames(
         raise ValueError("Routing key too long (max 255 bytes)")
     publish = spec.Basic.Publish(exchange=exchange, routing_key=routing_key)
     header = ContentHeader(properties=properties, body_size=len(envelope.body))
-    bodies = AiormqChannel._split_body(  # type: ignore[arg-type]
-        SimpleNamespace(max_content_size=max_body), envelope.body
-    )
+    body = envelope.body  # split as aiormq splits it: max_body bytes a frame, none if empty
+    bodies = [ContentBody(body[i:i + max_body]) for i in range(0, len(body), max_body)]
     return ChannelFrame.marshall(channel, [publish, header, *bodies]).payload
 
 

@@ -13,9 +13,30 @@ from pamqp.commands import Basic
 from aioqueue.brokers.amqp.broker import _confirmed_or_proven
 
 
-def futures() -> tuple[asyncio.Future[Any], asyncio.Future[None]]:
-    loop = asyncio.get_running_loop()
-    return loop.create_future(), loop.create_future()
+class Proof(asyncio.Future[None]):
+    """A future that counts the done callbacks still registered on it (public API only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks = 0
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        self.callbacks += 1
+        super().add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Any) -> int:
+        removed = super().remove_done_callback(fn)
+        self.callbacks -= removed
+        return removed
+
+    @property
+    def hanging(self) -> int:
+        """Callbacks still registered (a done future has run and dropped them all)."""
+        return 0 if self.done() else self.callbacks
+
+
+def futures() -> tuple[asyncio.Future[Any], Proof]:
+    return asyncio.get_running_loop().create_future(), Proof()
 
 
 async def test_the_confirm_alone_is_enough() -> None:
@@ -24,7 +45,7 @@ async def test_the_confirm_alone_is_enough() -> None:
     await asyncio.sleep(0)
     confirmation.set_result("ack")
     await waiting
-    assert not proof._callbacks  # nothing left hanging on the proof
+    assert proof.hanging == 0  # nothing left hanging on the proof
 
 
 @pytest.mark.parametrize(("failure", "level"), [
@@ -62,4 +83,4 @@ async def test_cancelling_the_wait_cancels_the_confirm() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert confirmation.cancelled()  # a message not written yet then stays out
-    assert not proof._callbacks
+    assert proof.hanging == 0

@@ -9,7 +9,9 @@ import anyio
 import pytest
 
 from aioqueue import AioQueue, NotRegistered, Queue
+from aioqueue.brokers.base import Broker
 from aioqueue.protocol import Envelope, decode_task, encode_task
+from aioqueue.results.base import ResultStore
 
 from .conftest import running_worker
 
@@ -40,6 +42,21 @@ async def dead_letters(app: AioQueue, count: int) -> list[Envelope]:
     return found
 
 
+async def adding_app(app: AioQueue) -> tuple[Broker, ResultStore]:
+    """``t.add`` registered, the app's queues declared: its broker and result store."""
+
+    @app.task(name="t.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    broker = await app.get_broker()
+    for spec in app.conf.task_queues or []:
+        await broker.declare(spec)
+    store = await app.get_result_store()
+    assert store is not None
+    return broker, store
+
+
 def good_envelope(task: str, task_id: str, args: list[Any]) -> Envelope:
     return encode_task(task=task, task_id=task_id, args=args, kwargs={})
 
@@ -62,15 +79,7 @@ async def test_bad_messages_are_dead_lettered_and_good_ones_run(
 ) -> None:
     with_dead_letters(app)
 
-    @app.task(name="t.add")
-    async def add(x: int, y: int) -> int:
-        return x + y
-
-    broker = await app.get_broker()
-    for spec in app.conf.task_queues or []:
-        await broker.declare(spec)
-    store = await app.get_result_store()
-    assert store is not None
+    broker, store = await adding_app(app)
     with caplog.at_level(logging.ERROR, logger="aioqueue"):
         async with running_worker(app, concurrency=4, queues=["celery"]):
             for i, (_, envelope) in enumerate(BAD):
@@ -157,15 +166,7 @@ async def test_oversized_messages_are_dead_lettered_without_delaying_the_others(
     with_dead_letters(app)
     app.conf.worker_max_message_size = 4 << 20
 
-    @app.task(name="t.add")
-    async def add(x: int, y: int) -> int:
-        return x + y
-
-    broker = await app.get_broker()
-    for spec in app.conf.task_queues or []:
-        await broker.declare(spec)
-    store = await app.get_result_store()
-    assert store is not None
+    broker, store = await adding_app(app)
     bombs = [
         Envelope(gzip_bomb(1 << 30), {"task": "t.add", "id": "bomb-1",
                                      "compression": "application/x-gzip"}),

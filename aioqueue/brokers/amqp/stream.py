@@ -90,7 +90,8 @@ class FrameStream(asyncio.Protocol):
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         self.inner = asyncio.StreamReaderProtocol(reader)  # what aiormq's reader is fed by
-        self._loop = asyncio.get_running_loop()
+        #: Seconds, for the keepalive (the loop's clock; a test may give its own).
+        self.clock: Callable[[], float] = asyncio.get_running_loop().time
         self._pending = bytearray()  # bytes of frames not whole yet (or a delivery's)
         self._raw = False  # not AMQP frames (a refused protocol header): all to aiormq
         self._consumers: dict[str, tuple[AbstractChannel, Callback]] = {}  # by consumer tag
@@ -179,7 +180,7 @@ class FrameStream(asyncio.Protocol):
             fed = True
         del buffer[:position]
         if handled and not fed:
-            now = self._loop.time()
+            now = self.clock()
             if now >= self._keepalive_at:
                 self._keepalive_at = now + _KEEPALIVE
                 self.inner.data_received(HEARTBEAT_FRAME)
